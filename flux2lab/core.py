@@ -1,0 +1,208 @@
+"""`apply(pipe, recipe)` and `generate(pipe, prompts, seeds, recipe)`: the loop everything else is made of.
+
+Calibrate, search, compare, run and bench all *take a pipeline, apply a recipe, generate, measure*. `apply`
+changes the pipeline in place and remembers the recipe it applied: parts that rewrite the model
+(precision, compile, CUDA graphs, parallelism) are applied once, and asking for different ones on the same
+pipeline is an error (load a fresh one); TeaCache settings can be swapped freely, which is what a search
+does between trials. `generate` returns images together with what happened to each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import Flux2Pipeline
+from PIL import Image
+
+from flux2lab.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.models import model_info
+from flux2lab.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt, optionally with reference images (FLUX.2 multi-reference editing)."""
+
+    text: str
+    images: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, p: str | Prompt) -> Prompt:
+        return p if isinstance(p, Prompt) else cls(p)
+
+
+@dataclass
+class ImageRecord:
+    """What happened while one image was made."""
+
+    prompt: str
+    seed: int
+    wall_s: float
+    step_s: list[float] | None = None  # time per denoising step, when asked for
+    teacache: list[dict[str, Any]] | None = None  # per-step TeaCache log, when TeaCache is on
+    reference_images: list[str] = field(default_factory=list)
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        return [e["step"] for e in self.teacache or [] if not e["computed"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt, "seed": self.seed, "wall_s": self.wall_s, "step_s": self.step_s,
+            "reference_images": self.reference_images, "skipped_steps": self.skipped_steps,
+            "teacache": self.teacache,
+        }
+
+
+@dataclass
+class Generation:
+    """Images (PIL, or latents for models without a VAE) and one record per image."""
+
+    images: list[Any]
+    records: list[ImageRecord]
+
+    @property
+    def skipped_fraction(self) -> float:
+        steps = sum(len(r.teacache) for r in self.records if r.teacache)
+        return sum(len(r.skipped_steps) for r in self.records) / steps if steps else 0.0
+
+
+def applied_recipe(pipe: Flux2Pipeline) -> Recipe | None:
+    return getattr(pipe, "flux2lab_recipe", None)
+
+
+def apply(pipe: Flux2Pipeline, recipe: Recipe) -> Flux2Pipeline:
+    """Turn a stock `Flux2Pipeline` into the accelerated one the recipe describes (in place)."""
+    previous = applied_recipe(pipe)
+    if previous is None:
+        _apply_model_changes(pipe, recipe)
+    elif changed := previous.model_changes(recipe):
+        raise Flux2LabError(
+            f"this pipeline was already built with a recipe that differs in {', '.join(changed)}; those change "
+            "the model itself and cannot be undone in place. Load a fresh pipeline for the new recipe."
+        )
+    _apply_teacache(pipe, recipe)
+    pipe.flux2lab_recipe = recipe
+    return pipe
+
+
+def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
+    if recipe.transformer_precision != "bf16" or recipe.text_encoder_precision != "bf16":
+        raise FeatureNotAvailable(
+            f"precision '{recipe.transformer_precision}'/'{recipe.text_encoder_precision}' needs flux2lab.quant, "
+            "which this build does not have yet; use bf16."
+        )
+    if recipe.ulysses_degree > 1:
+        raise FeatureNotAvailable("ulysses_degree > 1 needs the multi-GPU runner, not in this build yet.")
+    if recipe.cuda_graphs:
+        raise FeatureNotAvailable("cuda_graphs needs the runner's CUDA-graph support, not in this build yet.")
+    if recipe.compile:
+        # Regional compilation: each repeated block is compiled once and reused, so warm-up takes seconds,
+        # not minutes, and the step is as fast as a whole-model compile (diffusers' recommendation).
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+
+
+def _apply_teacache(pipe: Flux2Pipeline, recipe: Recipe) -> None:
+    if recipe.teacache.enabled:
+        raise FeatureNotAvailable("TeaCache needs flux2lab.teacache, which this build does not have yet.")
+
+
+def synthetic_prompt_embeds(pipe: Flux2Pipeline, prompt: str) -> torch.Tensor:
+    """Seeded stand-in embeddings of the real shape, for models without a text encoder (`full-random`)."""
+    info = model_info(pipe)
+    t = pipe.transformer
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    emb = torch.randn(1, info.max_sequence_length, t.config.joint_attention_dim, generator=gen)
+    return emb.to(device=t.device, dtype=t.dtype)
+
+
+def _resolution(pipe: Flux2Pipeline, recipe: Recipe) -> tuple[int, int]:
+    info = model_info(pipe)
+    return recipe.height or info.height, recipe.width or info.width
+
+
+def _load_reference_images(paths: Sequence[str]) -> list[Image.Image]:
+    images = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise Flux2LabError(f"reference image {p} does not exist.")
+        images.append(Image.open(p).convert("RGB"))
+    return images
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(
+    pipe: Flux2Pipeline,
+    prompts: Sequence[str | Prompt],
+    seeds: int | Sequence[int],
+    recipe: Recipe,
+    *,
+    time_steps: bool = False,
+    progress: bool = False,
+) -> Generation:
+    """Make one image per (prompt, seed) pair with the recipe (applied first if it is not yet).
+
+    `seeds` is one seed for every prompt or one per prompt. With `time_steps`, every denoising step is
+    timed (the device is synchronised after each step, which costs a little).
+    """
+    from tqdm.auto import tqdm
+
+    prompts = [Prompt.of(p) for p in prompts]
+    seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != len(prompts):
+        raise Flux2LabError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed or one per prompt.")
+    if applied_recipe(pipe) != recipe:
+        apply(pipe, recipe)
+    info = model_info(pipe)
+    height, width = _resolution(pipe, recipe)
+    device = pipe.transformer.device
+    images, records = [], []
+    for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="images", disable=not progress, unit="img"):
+        step_ends: list[float] = []
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            if time_steps:
+                _sync(device)
+                step_ends.append(time.perf_counter())
+            return kwargs
+
+        call: dict[str, Any] = dict(
+            height=height, width=width, num_inference_steps=recipe.steps, guidance_scale=recipe.guidance,
+            generator=torch.Generator(device="cpu").manual_seed(seed), callback_on_step_end=on_step_end,
+        )
+        if info.synthetic_text:
+            call.update(prompt_embeds=synthetic_prompt_embeds(pipe, prompt.text), output_type="latent")
+        else:
+            call.update(prompt=prompt.text, max_sequence_length=info.max_sequence_length,
+                        text_encoder_out_layers=info.text_encoder_out_layers, output_type="pil")
+            if prompt.images:
+                call["image"] = _load_reference_images(prompt.images)
+        if recipe.teacache.enabled:
+            teacache.reset_teacache(pipe.transformer)
+        _sync(device)
+        start = time.perf_counter()
+        out = pipe(**call).images
+        _sync(device)
+        wall = time.perf_counter() - start
+        images.append(out[0])
+        step_s = None
+        if time_steps:
+            # The first step also carries prompt encoding and latent preparation; it is measured from the
+            # call's start, which is what a user waits for.
+            edges = [start, *step_ends]
+            step_s = [b - a for a, b in zip(edges, edges[1:])]
+        log = teacache.teacache_log(pipe.transformer) if recipe.teacache.enabled else None
+        records.append(ImageRecord(prompt=prompt.text, seed=seed, wall_s=wall, step_s=step_s, teacache=log,
+                                   reference_images=list(prompt.images)))
+    return Generation(images=images, records=records)

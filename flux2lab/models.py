@@ -1,0 +1,224 @@
+"""One loader for every model flux2lab runs on.
+
+- `tiny`: a FLUX.2 pipeline of the real diffusers/transformers classes at toy size, random weights, built
+  offline in seconds; every code path runs on it on a CPU.
+- `full-random`: the full-size FLUX.2 [dev] transformer with random weights and synthetic prompt
+  embeddings of the real shape, for speed measurements (time per step does not depend on weight values).
+- a hub id or local folder: the real `Flux2Pipeline.from_pretrained`.
+
+Each pipeline carries a `ModelInfo` (`pipe.flux2lab_model`) with how to call it (sequence length, text
+encoder layers, native resolution) and its identity for provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+from flux2lab.errors import Flux2LabError
+
+FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """How to call a loaded model and what it is (for provenance and reports)."""
+
+    source: str  # what the user asked for: "tiny", "full-random", a hub id or a folder
+    kind: str  # "builtin", "full-random" or "pretrained"
+    height: int  # native resolution
+    width: int
+    max_sequence_length: int
+    text_encoder_out_layers: tuple[int, ...]
+    revision: str | None = None  # hub commit or weight checksum where known
+    synthetic_text: bool = False  # no text encoder/VAE: prompts become seeded embeddings, output is latents
+
+
+# The full-size FLUX.2 [dev] transformer is diffusers' default Flux2Transformer2DModel config (a test checks
+# its 8 + 48 blocks and 32.2B parameters); the real model reads 512 text tokens.
+FULL_TEXT_TOKENS = 512
+
+TINY_TRANSFORMER = dict(
+    patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=64, timestep_guidance_channels=64, axes_dims_rope=(4, 4, 4, 4),
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
+    latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+)
+TINY_TEXT_HIDDEN = 32
+TINY_TEXT_LAYERS = (1, 2)  # hidden states stacked into the prompt embedding (2 x 32 = joint_attention_dim)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """BF16 on GPUs (as deployed); float32 on CPU, where bf16 matmuls are slow and gain nothing."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def build_text_encoder(hidden: int, layers: int, vocab_size: int, image_size: int = 64, patch_size: int = 8):
+    """A small `Mistral3ForConditionalGeneration` (text + Pixtral vision tower) from a config."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from flux2lab import tokenizer as tok
+
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral", "vocab_size": vocab_size, "hidden_size": hidden,
+            "intermediate_size": hidden * 2, "max_position_embeddings": 1024, "num_attention_heads": 4,
+            "num_hidden_layers": layers, "num_key_value_heads": 2, "head_dim": hidden // 4, "rms_norm_eps": 1e-5,
+            "sliding_window": None, "bos_token_id": tok.BOS_ID, "eos_token_id": tok.EOS_ID,
+            "pad_token_id": tok.PAD_ID,
+        },
+        vision_config={
+            "model_type": "pixtral", "hidden_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "intermediate_size": hidden * 2, "image_size": image_size, "patch_size": patch_size,
+            "num_channels": 3, "head_dim": hidden // 4,
+        },
+        image_token_index=tok.IMAGE_TOKEN_ID, spatial_merge_size=1, vision_feature_layer=-1,
+        bos_token_id=tok.BOS_ID, eos_token_id=tok.EOS_ID, pad_token_id=tok.PAD_ID,
+    )
+    return Mistral3ForConditionalGeneration(config)
+
+
+def build_tiny(device: str, dtype: torch.dtype, seed: int = 0) -> Flux2Pipeline:
+    """The `tiny` pipeline: real classes, toy sizes, random weights fixed by `seed`."""
+    from flux2lab import tokenizer as tok
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER)
+        vae = AutoencoderKLFlux2(**TINY_VAE)
+        text_encoder = build_text_encoder(TINY_TEXT_HIDDEN, max(TINY_TEXT_LAYERS), tok.VOCAB_SIZE)
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+        tokenizer=tok.build_processor(), transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.flux2lab_model = ModelInfo(
+        source="tiny", kind="builtin", height=64, width=64, max_sequence_length=64,
+        text_encoder_out_layers=TINY_TEXT_LAYERS,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_transformer_on_meta(**config) -> Flux2Transformer2DModel:
+    """The transformer's module tree without memory: for counting, layer selection and later materialising."""
+    with torch.device("meta"):
+        return Flux2Transformer2DModel(**config)
+
+
+def materialize_random(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype,
+                       seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Give a meta-device module real storage on `device`, filled in place with N(0, std) values.
+
+    Random init on the target device (not CPU then copy) keeps 32B parameters to seconds; diffusers'
+    own init would run the per-layer initialisers on CPU first.
+    """
+    module = module.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std, generator=gen)
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.zero_()
+    return module
+
+
+def build_full_random(device: str, dtype: torch.dtype, seed: int = 0) -> Flux2Pipeline:
+    """The full-size FLUX.2 [dev] transformer with random weights; no text encoder, no VAE."""
+    if torch.device(device).type != "cuda":
+        raise Flux2LabError(
+            "model 'full-random' (the 32.2B-parameter FLUX.2 [dev] transformer, 60 GiB in BF16) needs a CUDA "
+            "GPU with about 64 GiB free; this machine has none. Use --model tiny on CPU."
+        )
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    need = 32.3e9 * torch.finfo(dtype).bits / 8
+    if free < need:
+        raise Flux2LabError(
+            f"model 'full-random' needs {need / 2**30:.0f} GiB of GPU memory in {dtype}; {device} has "
+            f"{free / 2**30:.0f} GiB free. Use a larger GPU (H100 80 GB / H200) or free the memory."
+        )
+    transformer = materialize_random(build_transformer_on_meta(), device, dtype, seed)
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.flux2lab_model = ModelInfo(
+        source="full-random", kind="full-random", height=1024, width=1024,
+        max_sequence_length=FULL_TEXT_TOKENS, text_encoder_out_layers=(10, 20, 30), synthetic_text=True,
+    )
+    return pipe
+
+
+def _revision_of(folder: Path) -> str | None:
+    """Hub snapshot folders are named by commit; for other folders, a checksum of the model index."""
+    if folder.parent.name == "snapshots":
+        return folder.name
+    index = folder / "model_index.json"
+    return "sha256:" + hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index.is_file() else None
+
+
+def load_pretrained(source: str, device: str, dtype: torch.dtype) -> Flux2Pipeline:
+    """`Flux2Pipeline.from_pretrained`, honouring HF_HOME / HF_HUB_OFFLINE, with one clear error if absent."""
+    local = Path(source).expanduser()
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise Flux2LabError(
+            f"{local} is not a diffusers pipeline folder: it has no model_index.json. Point --model at the "
+            f"folder that holds model_index.json (e.g. a download of {FLUX2_DEV})."
+        )
+    try:
+        pipe = Flux2Pipeline.from_pretrained(str(local) if local.exists() else source, dtype=dtype)
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise Flux2LabError(f"could not load the FLUX.2 pipeline from {local}: {e}") from None
+        raise Flux2LabError(
+            f"the weights of '{source}' are not in the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub) and could not be downloaded "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Supply them one of two ways: on a "
+            f"machine with internet, `hf download {source}` (accept the licence on the model page first) and "
+            f"copy the cache here (set HF_HOME to it); or pass the downloaded folder itself, the one holding "
+            f"model_index.json, as --model /path/to/folder."
+        ) from None
+    snapshot = Path(getattr(pipe, "config", {}).get("_name_or_path", "") or source)
+    pipe.flux2lab_model = ModelInfo(
+        source=source, kind="pretrained", height=1024, width=1024, max_sequence_length=512,
+        text_encoder_out_layers=(10, 20, 30), revision=_revision_of(snapshot) if snapshot.exists() else None,
+    )
+    return pipe.to(device)
+
+
+BUILTIN: dict[str, Callable[[str, torch.dtype], Flux2Pipeline]] = {
+    "tiny": build_tiny,
+    "full-random": build_full_random,
+}
+
+
+def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | None = None) -> Flux2Pipeline:
+    """Load a FLUX.2 pipeline: `tiny`, `full-random`, a hub id, or a local diffusers folder."""
+    device = device or default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise Flux2LabError(f"device '{device}' was asked for, but this machine has no CUDA GPU. Use --device cpu.")
+    dtype = dtype or default_dtype(device)
+    if source in BUILTIN:
+        return BUILTIN[source](device, dtype)
+    return load_pretrained(source, device, dtype)
+
+
+def model_info(pipe: Flux2Pipeline) -> ModelInfo:
+    info = getattr(pipe, "flux2lab_model", None)
+    if info is None:
+        raise Flux2LabError("this pipeline was not loaded with flux2lab.models.load_pipeline; load it there.")
+    return info
