@@ -109,7 +109,8 @@ def build_tiny(device: str, dtype: torch.dtype, seed: int = 0) -> Flux2Pipeline:
         source="tiny", kind="builtin", height=64, width=64, max_sequence_length=64,
         text_encoder_out_layers=TINY_TEXT_LAYERS,
     )
-    return pipe.to(device=device, dtype=dtype)
+    # Built in float32; cast only when another dtype is asked for (diffusers warns on every cast).
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
 
 
 def build_transformer_on_meta(**config) -> Flux2Transformer2DModel:
