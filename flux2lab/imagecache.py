@@ -80,7 +80,7 @@ def generate_cached(
     found = {k: cache.get(k) for k in keys}
     missing = [i for i, k in enumerate(keys) if found[k] is None]
     # One image at a time, stored as soon as it exists: an interrupted run keeps what it finished.
-    for i in tqdm(missing, desc="generating", unit="img", disable=not progress):
+    for i in tqdm(missing, desc="generating", unit="img", disable=not (progress and missing)):
         new = generate(pipe, [prompts[i]], [seeds[i]], recipe)
         cache.put(keys[i], new.images[0], new.records[0])
         found[keys[i]] = (new.images[0], new.records[0])

@@ -1,0 +1,106 @@
+"""Recipe A against recipe B on the same prompts and seeds: paired images, metrics, a grid.
+
+The paired metrics (LPIPS, PSNR, SSIM against A's image of the same prompt and seed) are the regression
+gate; set-level ones (FID, CLIP score) are reported beside them. Images come from the image cache, so a
+reference generated once serves every later comparison against it.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flux2lab.core import ImageRecord
+from flux2lab.imagecache import ImageCache, generate_cached
+from flux2lab.metrics import MetricOptions, MetricResult, evaluate
+from flux2lab.models import load_pipeline, model_info
+from flux2lab.plots import comparison_grid
+from flux2lab.prompts import PromptEntry
+from flux2lab.recipe import Recipe
+
+
+@dataclass
+class Comparison:
+    model: str
+    revision: str | None
+    recipes: tuple[Recipe, Recipe]
+    labels: tuple[str, str]
+    entries: list[PromptEntry]
+    seeds: list[int]
+    images: tuple[list, list]
+    records: tuple[list[ImageRecord], list[ImageRecord]]
+    metrics: dict[str, MetricResult]
+    generated: tuple[int, int]  # images newly made for A and B (the rest came from the cache)
+
+    def write(self, out: str | Path) -> dict[str, Path]:
+        """Images, metrics.json, per_prompt.csv and grid.png under `out`."""
+        out = Path(out)
+        for side, images in zip("ab", self.images):
+            (out / side).mkdir(parents=True, exist_ok=True)
+            for entry, img in zip(self.entries, images):
+                img.save(out / side / f"{entry.id}.png")
+        summary = {
+            "model": self.model, "revision": self.revision,
+            "a": {"label": self.labels[0], "recipe": self.recipes[0].to_dict()},
+            "b": {"label": self.labels[1], "recipe": self.recipes[1].to_dict()},
+            "prompts": [{"id": e.id, "prompt": e.prompt.text, "seed": s} for e, s in zip(self.entries, self.seeds)],
+            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+            "seconds_per_image": {side: _mean([r.wall_s for r in recs]) for side, recs in zip("ab", self.records)},
+            "skipped_fraction_b": _skipped(self.records[1]),
+            "generated": {"a": self.generated[0], "b": self.generated[1]},
+        }
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        per_image = {k: v.per_image for k, v in self.metrics.items() if v.per_image is not None}
+        with open(out / "per_prompt.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "prompt", "seed", *per_image])
+            for i, (e, s) in enumerate(zip(self.entries, self.seeds)):
+                w.writerow([e.id, e.prompt.text, s, *(float(v[i]) for v in per_image.values())])
+        grid = comparison_grid(list(zip(*self.images)), [e.prompt.text for e in self.entries],
+                               (f"A: {self.labels[0]}", f"B: {self.labels[1]}"), out / "grid.png")
+        return {"metrics": out / "metrics.json", "per_prompt": out / "per_prompt.csv", "grid": grid}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _skipped(records: list[ImageRecord]) -> float:
+    steps = sum(len(r.teacache) for r in records if r.teacache)
+    return sum(len(r.skipped_steps) for r in records) / steps if steps else 0.0
+
+
+def compare(
+    model: str, a: Recipe, b: Recipe, entries: list[PromptEntry], seeds: list[int],
+    weights: dict[str, Path | None], cache_dir: str | Path, *, labels: tuple[str, str] = ("A", "B"),
+    device: str | None = None, dtype: torch.dtype | None = None, options: MetricOptions | None = None,
+    progress: bool = True,
+) -> Comparison:
+    """Generate A and B for every prompt and seed (reusing cached images), then measure B against A.
+
+    A recipe that rewrites the model (precision, compile...) needs its own pipeline; the first is freed
+    before the second is loaded, so two copies of a large model never share the GPU.
+    """
+    cache = ImageCache(cache_dir)
+    prompts = [e.prompt for e in entries]
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    info = model_info(pipe)
+    gen_a, new_a = generate_cached(pipe, prompts, seeds, a, cache, progress=progress)
+    if a.model_changes(b):
+        del pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pipe = load_pipeline(model, device=device, dtype=dtype)
+    gen_b, new_b = generate_cached(pipe, prompts, seeds, b, cache, progress=progress)
+    metrics = evaluate(gen_a.images, gen_b.images, weights, prompts=[p.text for p in prompts], options=options)
+    return Comparison(
+        model=model, revision=info.revision, recipes=(a, b), labels=labels, entries=entries, seeds=seeds,
+        images=(gen_a.images, gen_b.images), records=(gen_a.records, gen_b.records), metrics=metrics,
+        generated=(new_a, new_b),
+    )
