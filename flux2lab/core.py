@@ -99,10 +99,15 @@ def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
             "which this build does not have yet; use bf16."
         )
     if recipe.ulysses_degree > 1:
-        raise FeatureNotAvailable("ulysses_degree > 1 needs the multi-GPU runner, not in this build yet.")
+        from flux2lab import parallel
+
+        parallel.enable_ulysses(pipe.transformer, recipe.ulysses_degree)
     if recipe.cuda_graphs:
-        raise FeatureNotAvailable("cuda_graphs needs the runner's CUDA-graph support, not in this build yet.")
-    if recipe.compile:
+        from flux2lab import cudagraphs
+
+        # Captures the blocks below every other hook and compiles them there itself when `compile` is on.
+        cudagraphs.enable(pipe.transformer, compile=recipe.compile)
+    elif recipe.compile:
         # Regional compilation: each repeated block is compiled once and reused, so warm-up takes seconds,
         # not minutes, and the step is as fast as a whole-model compile (diffusers' recommendation).
         pipe.transformer.compile_repeated_blocks(fullgraph=True)

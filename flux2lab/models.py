@@ -126,7 +126,7 @@ def materialize_random(module: torch.nn.Module, device: str | torch.device, dtyp
     Random init on the target device (not CPU then copy) keeps 32B parameters to seconds; diffusers'
     own init would run the per-layer initialisers on CPU first.
     """
-    module = module.to_empty(device=device).to(dtype)
+    module = module.to(dtype).to_empty(device=device)  # cast on meta first: no float32 copy (129 GB for 32B)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():

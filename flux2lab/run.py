@@ -1,0 +1,212 @@
+"""`python -m flux2lab.run`: run a frozen config on prompts, on one GPU or many.
+
+    python -m flux2lab.run --config experiments/frozen/x.json --prompts prompts.jsonl --out out/
+    torchrun --nproc-per-node 4 -m flux2lab.run --config ... --prompts ... --out ...
+
+The config is verified (hash, schema) and applied as frozen: precisions, TeaCache, compile, CUDA graphs. Under
+torchrun with N processes the transformer runs Ulysses sequence parallelism of degree N (the launch decides the
+degree; the frozen recipe is otherwise unchanged). Every rank runs every image with the same seed; TeaCache
+decides from distances reduced over all ranks, and the runner checks after each image that all ranks skipped
+the same steps. Rank 0 writes the images, `records.jsonl` (one JSON per image: config hash, seed, timings,
+skipped steps) and `summary.json`. Images already in `--out` for the same config are skipped, so an
+interrupted run picks up where it stopped. A rank that dies or hangs fails the job within the process-group
+timeout (`--pg-timeout`); torchrun then stops the others and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flux2lab.cli import dtype_of, run_main
+
+RECORDS = "records.jsonl"
+SUMMARY = "summary.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flux2lab.parallel import DEFAULT_TIMEOUT_S
+
+    p = argparse.ArgumentParser(
+        prog="python -m flux2lab.run",
+        description="Run a frozen flux2lab config on a prompt set: one GPU, or several under "
+                    "`torchrun --nproc-per-node N -m flux2lab.run ...` (Ulysses sequence parallelism).",
+    )
+    p.add_argument("--config", type=Path, required=True, help="frozen config JSON (from search --freeze or "
+                                                             "python -m flux2lab.frozen)")
+    p.add_argument("--prompts", type=Path, required=True, help="prompt file (.jsonl manifest or one prompt a line)")
+    p.add_argument("--out", type=Path, required=True, help="output folder: images, records.jsonl, summary.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts without their own: seed + position "
+                                                       "(default 0)")
+    p.add_argument("--model", help="load the weights from here instead of the model the config names (e.g. a "
+                                   "local copy); a differing revision is warned about")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if present); under torchrun rank r uses "
+                                    "cuda:LOCAL_RANK")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="model dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="run N untimed, unsaved images first (compilation, graph capture) so records and the "
+                        "summary show steady-state speed (default 0)")
+    p.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long ranks wait for each other before the job fails (default {DEFAULT_TIMEOUT_S:g})")
+    return p
+
+
+def _file_stem(entry_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", entry_id)
+
+
+def _done(out: Path, sha256: str) -> set[tuple[str, int]]:
+    """(id, seed) pairs already written for this config; refuses a folder holding another config's images."""
+    path = out / RECORDS
+    if not path.is_file():
+        return set()
+    done = set()
+    from flux2lab.errors import Flux2LabError
+
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption: that image is made again
+        if rec.get("config_sha256") != sha256:
+            raise Flux2LabError(
+                f"{path}, line {n}: {out} holds images of another config ({str(rec.get('config_sha256'))[:12]}); "
+                "use a new --out for this config."
+            )
+        if rec.get("file") and (out / rec["file"]).is_file():
+            done.add((rec["id"], rec["seed"]))
+    return done
+
+
+def _save(image: Any, out: Path, stem: str) -> str:
+    """Write atomically (temp file, then rename) so an interrupted run never leaves a half image behind."""
+    import torch
+
+    if hasattr(image, "save"):
+        name = f"{stem}.png"
+        tmp = out / f".{name}.tmp"
+        image.save(tmp, format="PNG")
+    else:  # models without a VAE return latents
+        name = f"{stem}.pt"
+        tmp = out / f".{name}.tmp"
+        torch.save(image.detach().cpu(), tmp)
+    os.replace(tmp, out / name)
+    return name
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flux2lab import parallel
+
+    env = parallel.init(args.device, args.pg_timeout)
+    try:
+        return _run(args, env)
+    finally:
+        parallel.shutdown()
+
+
+def _run(args: argparse.Namespace, env: Any) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from flux2lab import parallel
+    from flux2lab.core import generate
+    from flux2lab.errors import Flux2LabError
+    from flux2lab.frozen import load_frozen
+    from flux2lab.models import load_pipeline, model_info
+    from flux2lab.prompts import load_prompts, seeds_for
+
+    def say(msg: str) -> None:
+        if env.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    frozen = load_frozen(args.config)
+    entries = load_prompts(args.prompts)
+    seeds = seeds_for(entries, args.seed)
+    stems = [_file_stem(e.id) for e in entries]
+    if len(set(stems)) != len(stems):
+        raise Flux2LabError(f"{args.prompts}: prompt ids must stay distinct as file names; {stems} collide.")
+    if args.warmup < 0:
+        raise Flux2LabError(f"--warmup {args.warmup}: give a number >= 0.")
+    recipe = frozen.recipe
+    if recipe.ulysses_degree != env.world_size:
+        say(f"note: config {frozen.short_hash} was frozen with ulysses_degree {recipe.ulysses_degree}; running "
+            f"with {env.world_size} process(es), so Ulysses degree {env.world_size}.")
+        recipe = recipe.replace(ulysses_degree=env.world_size)
+
+    pipe = load_pipeline(args.model or frozen.model.source, device=str(env.device), dtype=dtype_of(args.dtype))
+    info = model_info(pipe)
+    for warning in frozen.model_warnings(info):
+        say(f"warning: {warning}")
+    height, width = recipe.height or info.height, recipe.width or info.width
+    parallel.check_sequence(pipe, height, width, info.max_sequence_length, env.world_size)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = parallel.broadcast_object(_done(args.out, frozen.sha256) if env.is_main else None)
+    todo = [(e, s, stem) for e, s, stem in zip(entries, seeds, stems) if (e.id, s) not in done]
+    say(f"config {frozen.short_hash} on {env.world_size} x {env.device.type}: {len(todo)} image(s) to make, "
+        f"{len(entries) - len(todo)} already in {args.out}")
+
+    for _ in range(args.warmup if todo else 0):
+        generate(pipe, [todo[0][0].prompt], [todo[0][1]], recipe)
+
+    made = []
+    for entry, seed, stem in tqdm(todo, desc="images", unit="img", disable=not env.is_main):
+        rec = generate(pipe, [entry.prompt], [seed], recipe, time_steps=True)
+        record, image = rec.records[0], rec.images[0]
+        skips = parallel.all_gather_object(record.skipped_steps)
+        if any(s != skips[0] for s in skips):
+            raise RuntimeError(f"TeaCache decisions differ between ranks for '{entry.id}': {skips}. Every rank "
+                               "must decide from the same reduced distance; this is a flux2lab bug.")
+        if not env.is_main:
+            continue
+        row = {
+            "id": entry.id, "config_sha256": frozen.sha256, "file": _save(image, args.out, stem), "seed": seed,
+            "prompt": entry.prompt.text, "reference_images": record.reference_images,
+            "ranks": env.world_size, "height": height, "width": width, "steps": recipe.steps,
+            "wall_s": record.wall_s, "step_s": record.step_s, "mean_step_s": _mean(record.step_s or []),
+            "skipped_steps": record.skipped_steps, "teacache": record.teacache,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if env.world_size > 1:
+            row["skipped_steps_by_rank"] = skips
+        with open(args.out / RECORDS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        made.append(row)
+
+    if env.is_main:
+        from flux2lab.cudagraphs import graphs_of
+
+        graphs = graphs_of(pipe.transformer)
+        walls = [r["wall_s"] for r in made]
+        steps = [s for r in made for s in r["step_s"] or []]
+        skipped = sum(len(r["skipped_steps"]) for r in made)
+        summary = {
+            "config": str(args.config), "config_sha256": frozen.sha256, "model": info.source,
+            "revision": info.revision, "recipe": recipe.to_dict(), "ranks": env.world_size,
+            "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+            "height": height, "width": width, "warmup_images": args.warmup if todo else 0,
+            "images_made": len(made), "images_total": len(entries),
+            "mean_wall_s": _mean(walls), "mean_step_s": _mean(steps),
+            "skipped_fraction": skipped / (len(made) * recipe.steps) if made else None,
+            "teacache_decisions_identical_on_all_ranks": True,
+            "cuda_graph_captures": graphs.captures if graphs else None,
+        }
+        (args.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        mean = f" (mean {summary['mean_wall_s']:.2f} s/image)" if made else ""
+        print(f"{len(made)} image(s) written to {args.out}{mean}; records: {args.out / RECORDS}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

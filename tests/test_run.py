@@ -1,0 +1,245 @@
+"""The runner: one process or two (Ulysses under torchrun, gloo on CPU) give the same images and the same
+TeaCache decisions; CUDA-graph plumbing composes with TeaCache; bad configs and dead ranks end the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux2lab import cudagraphs, parallel, run, teacache
+from flux2lab.core import apply, generate
+from flux2lab.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.frozen import freeze
+from flux2lab.models import load_pipeline
+from flux2lab.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red fox", "a blue bird"]
+STEPS, RET_STEPS = 6, 2
+LINEAR = (1.0, 0.0)  # rescaled distance = rel_l1, so thresholds can be read off measured distances
+
+
+def _config(tmp_path: Path, recipe: Recipe, name: str = "frozen.json") -> Path:
+    return freeze(recipe, "tiny").save(tmp_path / name)
+
+
+def _prompts(tmp_path: Path, prompts=PROMPTS) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / run.RECORDS).read_text().splitlines()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, args: list[str], **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "flux2lab.run", "--device", "cpu", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def _modulated_inputs(pipe, prompt: str, seed: int) -> list[torch.Tensor]:
+    """Block 0's modulated input at every step of an uncached run (what TeaCache measures)."""
+    t = pipe.transformer
+    mods, seen = {}, []
+    hooks = [
+        t.double_stream_modulation_img.register_forward_hook(lambda m, i, o: mods.__setitem__("img", o)),
+        t.x_embedder.register_forward_hook(
+            lambda m, i, o: seen.append(teacache.modulated_input(t.transformer_blocks[0].norm1, o, mods["img"]))),
+    ]
+    try:
+        generate(pipe, [prompt], seed, Recipe(steps=STEPS))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _rel(cur: torch.Tensor, prev: torch.Tensor) -> float:
+    return float((cur - prev).abs().sum() / prev.abs().sum())
+
+
+def test_two_ranks_match_one_rank_with_teacache_where_shard_decisions_would_disagree(tmp_path, tiny_pipe):
+    # Build the disagreement: at the first step the distance decides (step RET_STEPS; every earlier step
+    # computed, so the trajectory is the same whatever was decided), each rank's half of the tokens has its own
+    # distance. A threshold between the global distance and the larger half makes the global rule skip while
+    # one rank alone would compute -- rank-local decisions would deadlock the next all-to-all.
+    m = _modulated_inputs(tiny_pipe, PROMPTS[0], seed=0)
+    step = RET_STEPS
+    glob = _rel(m[step], m[step - 1])
+    halves = [_rel(c, p) for c, p in zip(m[step].chunk(2, dim=1), m[step - 1].chunk(2, dim=1))]
+    lo, hi = sorted(halves)
+    threshold = (glob + hi) / 2
+    assert lo < threshold <= hi and glob < threshold  # rank-local rules disagree; the global one skips
+    assert hi - lo > 1e-3  # far beyond float noise
+
+    recipe = Recipe(steps=STEPS).replace(
+        teacache={"enabled": True, "coefficients": LINEAR, "threshold": threshold, "ret_steps": RET_STEPS})
+    config, prompts = _config(tmp_path, recipe), _prompts(tmp_path)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run.main(["--config", str(config), "--prompts", str(prompts), "--out", str(one), "--device", "cpu"]) == 0
+    proc = _torchrun(2, ["--config", str(config), "--prompts", str(prompts), "--out", str(two), "--pg-timeout", "60"])
+    out, _ = proc.communicate(timeout=110)
+    assert proc.returncode == 0, out[-4000:]
+
+    single, double = _records(one), _records(two)
+    assert [r["id"] for r in single] == [r["id"] for r in double]
+    assert step in single[0]["skipped_steps"]  # the constructed step was really skipped
+    for a, b in zip(single, double):
+        assert b["ranks"] == 2 and a["ranks"] == 1
+        assert b["skipped_steps_by_rank"] == [a["skipped_steps"], a["skipped_steps"]]
+        assert b["skipped_steps"] == a["skipped_steps"]
+        assert [e["computed"] for e in b["teacache"]] == [e["computed"] for e in a["teacache"]]
+        for ea, eb in zip(a["teacache"], b["teacache"]):
+            if ea["rel_l1"] is not None:
+                assert eb["rel_l1"] == pytest.approx(ea["rel_l1"], rel=1e-4)
+        assert b["config_sha256"] == a["config_sha256"] and b["seed"] == a["seed"]
+        img_a = np.asarray(Image.open(one / a["file"]), dtype=np.int16)
+        img_b = np.asarray(Image.open(two / b["file"]), dtype=np.int16)
+        assert img_a.shape == img_b.shape and np.abs(img_a - img_b).max() <= 1  # equal up to float rounding
+    # The global distance the ranks agreed on is the whole-sequence one, not either half's.
+    assert double[0]["teacache"][step]["rel_l1"] == pytest.approx(glob, rel=1e-3)
+    summary = json.loads((two / run.SUMMARY).read_text())
+    assert summary["ranks"] == 2 and summary["recipe"]["ulysses_degree"] == 2 and summary["images_made"] == 2
+
+
+def test_killing_one_rank_ends_the_job_nonzero_within_60s(tmp_path):
+    config = _config(tmp_path, Recipe(steps=50))
+    prompts = _prompts(tmp_path, [f"prompt {i}" for i in range(40)])
+    out = tmp_path / "out"
+    proc = _torchrun(2, ["--config", str(config), "--prompts", str(prompts), "--out", str(out), "--pg-timeout", "20"])
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / run.RECORDS).is_file():  # both ranks are generating
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.2)
+        workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        ranks = {}
+        for pid in workers:
+            env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+            ranks[int(env[b"RANK"])] = pid
+        start = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        rc = proc.wait(timeout=60)
+        assert rc != 0 and time.monotonic() - start < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_tampered_config_is_refused_before_any_model_work(tmp_path, capsys):
+    config = _config(tmp_path, Recipe(steps=2))
+    data = json.loads(config.read_text())
+    data["recipe"]["steps"] = 3
+    config.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        run.run_main(run.main, ["--config", str(config), "--prompts", str(_prompts(tmp_path)), "--out",
+                                str(tmp_path / "out"), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "modified after it was frozen" in err and "re-freeze" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_skips_finished_images_and_refuses_another_configs_folder(tmp_path):
+    config, prompts, out = _config(tmp_path, Recipe(steps=2)), _prompts(tmp_path), tmp_path / "out"
+    args = ["--prompts", str(prompts), "--out", str(out), "--device", "cpu"]
+    assert run.main(["--config", str(config), *args]) == 0
+    first = _records(out)
+    assert [r["file"] for r in first] == ["prompts-1.png", "prompts-2.png"]
+    for r in first:
+        assert r["seed"] in (0, 1) and len(r["step_s"]) == 2 and r["wall_s"] > 0 and r["skipped_steps"] == []
+    (out / first[1]["file"]).unlink()  # as if interrupted before the second image was saved
+    assert run.main(["--config", str(config), *args]) == 0
+    again = _records(out)
+    assert len(again) == 3 and again[2]["id"] == first[1]["id"]  # only the missing image was made again
+    assert json.loads((out / run.SUMMARY).read_text())["images_made"] == 1
+
+    other = _config(tmp_path, Recipe(steps=3), "other.json")
+    with pytest.raises(Flux2LabError, match="another config"):
+        run.main(["--config", str(other), *args])
+
+
+def test_cuda_graph_plumbing_composes_with_teacache_and_recaptures_per_resolution(tiny_pipe):
+    """CPU stand-in for the graphs: the same static buffers, chaining and aliasing as CUDA graphs, so TeaCache's
+    skip path and the block hooks are checked without a GPU."""
+    recipe = Recipe(steps=STEPS).replace(
+        teacache={"enabled": True, "coefficients": LINEAR, "threshold": 0.15, "ret_steps": RET_STEPS})
+    graphed = load_pipeline("tiny", device="cpu")
+    graphs = cudagraphs.enable(graphed.transformer, _rerun_on_cpu=True)
+    blocks = len(cudagraphs.repeated_blocks(graphed.transformer))
+    assert blocks == 4
+
+    computed = 0
+    for size in (64, 32, 64):
+        r = recipe.replace(height=size, width=size)
+        want = generate(tiny_pipe, PROMPTS[:1], 3, r)
+        got = generate(graphed, PROMPTS[:1], 3, r)
+        for a, b, ra, rb in zip(want.images, got.images, want.records, got.records):
+            assert ra.skipped_steps == rb.skipped_steps and ra.skipped_steps  # TeaCache skipped, identically
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+            computed += STEPS - len(rb.skipped_steps)
+    # One capture per block and resolution (64 again reuses the first); skipped steps replay nothing.
+    assert graphs.captures == 2 * blocks
+    assert graphs.replays == computed * blocks
+
+
+def test_cuda_graphs_on_cpu_and_ulysses_without_torchrun_say_what_to_do():
+    pipe = load_pipeline("tiny", device="cpu")
+    with pytest.raises(FeatureNotAvailable, match="needs a CUDA GPU"):
+        apply(pipe, Recipe(steps=2, cuda_graphs=True))
+    pipe = load_pipeline("tiny", device="cpu")
+    with pytest.raises(FeatureNotAvailable, match="torchrun --nproc-per-node 2"):
+        apply(pipe, Recipe(steps=2, ulysses_degree=2))
+
+
+def test_sequence_and_heads_must_divide_by_the_degree(tiny_pipe):
+    parallel.check_sequence(tiny_pipe, 64, 64, 64, 2)  # 256 image and 64 text tokens
+    with pytest.raises(Flux2LabError, match="text token count"):
+        parallel.check_sequence(tiny_pipe, 64, 64, 63, 2)
+    with pytest.raises(Flux2LabError, match="image token count"):
+        parallel.check_sequence(tiny_pipe, 40, 40, 64, 8)  # 100 image tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_real_cuda_graphs_match_eager_with_teacache(compile):
+    recipe = Recipe(steps=STEPS).replace(
+        teacache={"enabled": True, "coefficients": LINEAR, "threshold": 0.15, "ret_steps": RET_STEPS})
+    eager = load_pipeline("tiny", device="cuda", dtype=torch.float32)
+    graphed = load_pipeline("tiny", device="cuda", dtype=torch.float32)
+    apply(graphed, recipe.replace(cuda_graphs=True, compile=compile))
+    graphs = cudagraphs.graphs_of(graphed.transformer)
+    for size in (64, 32):
+        r = recipe.replace(height=size, width=size)
+        want = generate(eager, PROMPTS, [3, 4], r)
+        got = generate(graphed, PROMPTS, [3, 4], r.replace(cuda_graphs=True, compile=compile))
+        for a, b, ra, rb in zip(want.images, got.images, want.records, got.records):
+            assert ra.skipped_steps == rb.skipped_steps
+            diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
+            assert diff <= (2 if compile else 1)
+    assert graphs.captures == 2 * len(cudagraphs.repeated_blocks(graphed.transformer))
