@@ -44,7 +44,7 @@ def _number(part: str, value: str, kind: type):
 def resolve_recipe(spec: str, base: Recipe | None = None) -> Recipe:
     """Turn a preset spec (or a recipe file path) into a Recipe built on `base`."""
     base = base or Recipe()
-    if spec.endswith(".json"):
+    if spec.endswith(".json") and "@" not in spec:
         return Recipe.load(spec)
     recipe = base
     for part in spec.split("+"):

@@ -1,0 +1,75 @@
+"""compare: paired images for two recipes, metrics, cache reuse, presets and errors before generation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from flux2lab.compare import main
+from flux2lab.errors import Flux2LabError
+from flux2lab.presets import resolve_recipe
+from flux2lab.recipe import FLUX2_DEV_COEFFICIENTS, Recipe
+
+
+def run(argv):
+    return main(argv)
+
+
+def test_bf16_vs_nvfp4_on_tiny(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--model", "tiny", "--b", "nvfp4", "--limit", "2", "--steps", "3", "--metrics", "psnr,ssim",
+            "--cache", str(cache), "--out", str(out)]
+    assert run(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    psnr = float(metrics["metrics"]["psnr"]["value"])
+    assert math.isfinite(psnr) and psnr > 20, "NVFP4 should change the image, but not destroy it"
+    assert metrics["b"]["recipe"]["transformer_precision"] == "nvfp4"
+    assert metrics["generated"] == {"a": 2, "b": 2}
+    rows = list(csv.DictReader(open(out / "per_prompt.csv")))
+    assert [r["id"] for r in rows] == ["nvidia-cat-moon", "nvidia-couple-rain"] and "psnr" in rows[0]
+    assert (out / "grid.png").stat().st_size > 0 and len(list((out / "b").glob("*.png"))) == 2
+
+    # The reference (A) comes from the cache the second time; B = A gives identical images: PSNR inf.
+    assert run(["--model", "tiny", "--b", "bf16", "--limit", "2", "--steps", "3", "--metrics", "psnr,ssim",
+                "--cache", str(cache), "--out", str(tmp_path / "same")]) == 0
+    same = json.loads((tmp_path / "same" / "metrics.json").read_text())
+    assert same["generated"] == {"a": 0, "b": 0}
+    assert same["metrics"]["psnr"]["value"] == "inf"
+    assert same["metrics"]["psnr"]["summary"]["n_inf"] == 2
+    assert "identical images" in capsys.readouterr().out
+
+
+def test_missing_weights_stop_before_generating(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("FLUX2LAB_LPIPS_WEIGHTS", raising=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(Flux2LabError, match=r"alexnet-owt-7be5be79.pth not found.*--lpips-weights"):
+        run(["--model", "tiny", "--b", "nvfp4", "--metrics", "lpips,psnr", "--cache", str(cache),
+             "--out", str(tmp_path / "o")])
+    assert not cache.exists() or not any(cache.iterdir()), "images were generated before the weight check"
+
+
+def test_presets():
+    assert resolve_recipe("bf16") == Recipe()
+    r = resolve_recipe("nvfp4+te-fp8+teacache+thresh=0.3+ret=4+cutoff=40")
+    assert (r.transformer_precision, r.text_encoder_precision) == ("nvfp4", "fp8")
+    assert r.teacache.enabled and r.teacache.threshold == 0.3 and r.teacache.ret_steps == 4
+    assert r.teacache.cutoff_steps == 40 and r.teacache.coefficients == FLUX2_DEV_COEFFICIENTS
+
+
+def test_preset_with_fit_and_errors(tmp_path):
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"coefficients": [1.0, 2.0, 3.0, 4.0]}))
+    assert resolve_recipe(f"teacache@{fit}").teacache.coefficients == (1.0, 2.0, 3.0, 4.0)
+    with pytest.raises(Flux2LabError, match="unknown preset 'int4'"):
+        resolve_recipe("int4")
+    with pytest.raises(Flux2LabError, match="'thresh=high'"):
+        resolve_recipe("teacache+thresh=high")
+    with pytest.raises(Flux2LabError, match="does not exist"):
+        resolve_recipe(f"teacache@{tmp_path / 'nope.json'}")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(Flux2LabError, match="no 'coefficients'"):
+        resolve_recipe(f"teacache@{tmp_path / 'bad.json'}")
