@@ -1,0 +1,107 @@
+"""`python -m flux2lab.bench`: the layered speed benchmark (NVIDIA's Figure 4 ladder) on this machine's GPUs.
+
+    python -m flux2lab.bench --model full-random --out reports/benchmarks/h100/          # one H100 / H200
+    python -m flux2lab.bench --model tiny --steps 4 --out /tmp/bench                      # CPU smoke run
+
+Rungs: eager-bf16, compile, +cuda-graphs, +fp8 (Hopper/Ada) or +nvfp4 (Blackwell), +teacache, xN-gpus; each
+adds one acceleration to the rung below. Writes bench.json, bench.md and bench.png to --out (rewritten after
+every rung, so an interrupted run keeps what it measured). See flux2lab/benchmark.py for how it times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from flux2lab.cli import add_model_args, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flux2lab.bench",
+        description="Time the acceleration ladder (eager BF16 -> compile -> CUDA graphs -> FP8/NVFP4 -> TeaCache -> "
+                    "N GPUs) on one card, next to the card's arithmetic floor for one step.",
+    )
+    add_model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder: bench.json, bench.md, bench.png")
+    p.add_argument("--ladder", default="default",
+                   help="'default' (every rung) or a comma-separated list of rung names, e.g. "
+                        "'eager-bf16,+fp8'; each rung still includes the changes of the rungs below it")
+    p.add_argument("--recipe", type=Path,
+                   help="time this one recipe JSON instead of the ladder (how the multi-GPU rung runs under torchrun)")
+    p.add_argument("--precision", choices=["fp8", "nvfp4"],
+                   help="the low-precision rung (default: nvfp4 on Blackwell, fp8 elsewhere)")
+    p.add_argument("--gpus", type=_counts, help="GPU counts of the multi-GPU rungs, e.g. 2 or 2,4 (default: all "
+                                                "visible GPUs, at least 2)")
+    p.add_argument("--steps", type=int, help="denoising steps per image (default 50; with --recipe, the recipe's)")
+    p.add_argument("--height", type=int, help="image height (default: the model's, 1024 for FLUX.2 [dev])")
+    p.add_argument("--width", type=int, help="image width (default: the model's)")
+    p.add_argument("--reps", type=int, default=3, help="timed images per rung (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up images per rung (default 1)")
+    p.add_argument("--warmup-steps", type=int, default=3,
+                   help="steps of a warm-up image: enough to compile and capture, shapes do not depend on the "
+                        "step count (default 3; TeaCache rungs warm up on the full schedule)")
+    p.add_argument("--timed-steps", type=int,
+                   help="run timed images of this many steps and extrapolate the per-image time to --steps "
+                        "(measured wall + remaining steps x median step); TeaCache rungs always time full images. "
+                        "Default: time full images")
+    p.add_argument("--teacache-schedule", default="auto",
+                   help="auto (real decisions on real weights; on random weights replay NVIDIA's average, 16 of 50 "
+                        "steps skipped) | real | K/N (replay K skipped of every N steps) | K (K skipped steps)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="do not time the step's GEMMs and attention (the floor)")
+    return p
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU counts, e.g. 2,4") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flux2lab import parallel
+    from flux2lab.benchmark import Bench, BenchConfig, write_report
+
+    words = sys.argv[1:] if argv is None else argv
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc-per-node={world} -m" if world > 1 else "python -m"
+    env = parallel.init(args.device)
+    cfg = BenchConfig(
+        model=args.model, device=str(env.device) if world > 1 else args.device, dtype=args.dtype,
+        ladder=args.ladder, recipe=args.recipe, precision=args.precision, gpus=args.gpus, steps=args.steps,
+        height=args.height, width=args.width, reps=args.reps, warmup=args.warmup, warmup_steps=args.warmup_steps,
+        timed_steps=args.timed_steps, teacache_schedule=args.teacache_schedule, floor=args.floor, out=args.out,
+        command=f"{launcher} flux2lab.bench {shlex.join(words)}",
+    )
+
+    def say(msg: str) -> None:
+        if env.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        result = Bench(cfg, on_update=lambda r: write_report(r, args.out), say=say).run()
+    finally:
+        parallel.shutdown()
+    if not env.is_main:
+        return 0
+    for r in result["rungs"]:
+        if r["status"] == "ok":
+            print(f"{r['name']:>14}: {r['step_s']['median']:.3f} s/step, {r['image_s']['median']:.2f} s/image, "
+                  f"{r['speedup']:.2f}x" + (f", {r['floor_ratio']:.2f}x the floor" if r.get("floor_ratio") else ""))
+        else:
+            print(f"{r['name']:>14}: {r['status']} ({r['reason']})")
+    for t in result["targets"]:
+        if t["met"] is not None and t["applies_here"]:
+            print(f"target {'met' if t['met'] else 'NOT met'}: {t['target']} ({t['value']:.2f}x)")
+    print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png ({result['wall_s']:.0f} s)")
+    return 1 if any(r["status"] == "failed" for r in result["rungs"]) else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,294 @@
+"""`python -m flux2lab.bench`: the ladder, its timing, the floor, the targets and the three outputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from flux2lab import bench, benchmark
+from flux2lab.benchmark import (
+    Attention,
+    Gemm,
+    Workload,
+    measure_floor,
+    skip_plan,
+    spread_skips,
+    step_workload,
+)
+from flux2lab.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.models import build_transformer_on_meta
+from flux2lab.recipe import FLUX2_DEV_RET_STEPS, Recipe
+
+LADDER = ["eager-bf16", "compile", "+cuda-graphs", "+fp8", "+teacache", "x2-gpus"]
+
+
+@pytest.fixture
+def cheap_compile(monkeypatch):
+    """Dynamo traces the blocks as in a real compile, but hands them to the eager backend: inductor's C++ build
+    on 2 CPU cores takes most of a minute and says nothing about the benchmark."""
+    from diffusers import Flux2Transformer2DModel
+
+    original = Flux2Transformer2DModel.compile_repeated_blocks
+    monkeypatch.setattr(Flux2Transformer2DModel, "compile_repeated_blocks",
+                        lambda self, **kw: original(self, backend="eager", **kw))
+
+
+def run_bench(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        from flux2lab.cli import run_main
+
+        run_main(bench.main, args)
+    return exit_.value.code
+
+
+def test_tiny_ladder_runs_what_cpu_can_and_says_why_not_the_rest(tmp_path, no_network, cheap_compile):
+    out = tmp_path / "bench"
+    code = run_bench(["--model", "tiny", "--steps", "4", "--reps", "2", "--warmup-steps", "1", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    rungs = {r["name"]: r for r in result["rungs"]}
+    assert [r["name"] for r in result["rungs"]] == LADDER, "a rung was dropped or reordered"
+
+    for name in ("eager-bf16", "compile"):
+        r = rungs[name]
+        assert r["status"] == "ok", r.get("reason")
+        assert r["step_s"]["n"] == 2 * 3, "2 timed images of 4 steps give 3 step intervals each"
+        assert 0 < r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
+        assert len(r["image_values_s"]) == 2 and r["image_s"]["median"] > 0
+        assert not r["image_extrapolated"] and r["floor_ratio"] > 0
+    assert rungs["eager-bf16"]["speedup"] == 1.0 and rungs["eager-bf16"]["recipe"]["compile"] is False
+    assert rungs["compile"]["recipe"]["compile"] is True
+    assert rungs["compile"]["speedup"] == pytest.approx(
+        rungs["eager-bf16"]["image_s"]["median"] / rungs["compile"]["image_s"]["median"])
+
+    # What a CPU cannot do is reported, with the reason, never silently dropped.
+    assert rungs["+cuda-graphs"]["status"] == "skipped" and "CUDA" in rungs["+cuda-graphs"]["reason"]
+    assert rungs["+fp8"]["status"] == "skipped" and "sm89" in rungs["+fp8"]["reason"]
+    multi = rungs["x2-gpus"]
+    assert multi["status"] == "skipped" and "torchrun --standalone --nproc-per-node=2" in multi["reason"]
+    assert (out / "x2-gpus" / "recipe.json").is_file(), "the printed torchrun command needs its recipe file"
+    tc = rungs["+teacache"]
+    if tc["status"] == "ok":  # once flux2lab.teacache can replay a schedule
+        assert tc["teacache"].startswith("replayed schedule: 1/4") and tc["skipped_steps"] == [2]
+        assert tc["without"] == ["+cuda-graphs", "+fp8"] and tc["recipe"]["compile"] is True
+        assert tc.get("reused_pipeline"), "a TeaCache-only change must not reload and recompile"
+    else:
+        assert tc["status"] == "skipped" and tc["reason"]
+
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["diffusers"] and env["flux2lab"]
+    assert result["command"].startswith("python -m flux2lab.bench --model tiny")
+    assert result["floor"]["bf16"]["step_s"] > 0 and result["floor"]["fp8"]["step_s"] > 0
+
+    md = (out / "bench.md").read_text()
+    assert "| eager-bf16 |" in md and "**skipped**" in md and "CUDA graphs need a CUDA GPU" in md
+    assert "## Floor" in md and "## Targets" in md
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_timed_steps_are_extrapolated_to_the_full_schedule(tmp_path, capsys):
+    out = tmp_path / "b"
+    code = run_bench(["--model", "tiny", "--ladder", "eager-bf16,+cuda-graphs,x2-gpus,x4-gpus", "--gpus", "2,4",
+                      "--steps", "6", "--timed-steps", "3", "--reps", "1", "--warmup", "0", "--no-floor",
+                      "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "eager-bf16:" in stdout and "skipped" in stdout
+    result = json.loads((out / "bench.json").read_text())
+    eager = result["rungs"][0]
+    # 3 timed steps, extrapolated to 6: measured wall + 3 x median step.
+    assert eager["timed_steps"] == 3 and eager["steps"] == 6 and eager["image_extrapolated"]
+    assert eager["image_values_s"][0] > eager["step_s"]["median"] * 3
+    # compile was not selected but still sits below +cuda-graphs in the ladder
+    assert [r["name"] for r in result["rungs"]] == ["eager-bf16", "+cuda-graphs", "x2-gpus", "x4-gpus"]
+    for n in (2, 4):
+        multi = result["rungs"][1 + n // 2]
+        assert multi["status"] == "skipped" and f"--nproc-per-node={n}" in multi["reason"]
+        assert json.loads((out / f"x{n}-gpus" / "recipe.json").read_text())["ulysses_degree"] == n
+    assert result["floor"] == {"skipped": "--no-floor"} and "Floor not measured" in (out / "bench.md").read_text()
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ladder", "eager-bf16,turbo"], "unknown rung(s) turbo; give 'default' or a comma-separated list of: eager"),
+    (["--timed-steps", "1"], "--timed-steps 1: give an integer >= 2"),
+    (["--steps", "4", "--timed-steps", "5"], "--timed-steps 5 is more than the 4 steps"),
+    (["--teacache-schedule", "lots"], "--teacache-schedule 'lots': give auto, real, K/N"),
+    (["--model", "full-random", "--device", "cpu"], "needs a CUDA GPU"),
+])
+def test_user_errors_name_the_flag(tmp_path, capsys, args, message):
+    assert run_bench(["--model", "tiny", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_multi_gpu_recipe_runs_the_bench_under_torchrun(tmp_path, monkeypatch):
+    """The launch and the merge, with gloo on CPU standing in for NCCL (Ulysses and TeaCache on 2 ranks)."""
+    monkeypatch.setattr(benchmark, "visible_gpus", lambda device: 2)
+    recipe = Recipe(steps=4, ulysses_degree=2).replace(teacache={"enabled": True, "ret_steps": 1})
+    cfg = benchmark.BenchConfig(model="tiny", recipe=recipe.save(tmp_path / "x2.json"), reps=1, warmup=0,
+                                floor=False, out=tmp_path / "out")
+    result = benchmark.Bench(cfg, say=lambda m: None).run()
+    [multi] = result["rungs"]
+    assert multi["status"] == "ok", multi.get("reason")
+    assert multi["launched"].startswith("torchrun --standalone --nproc-per-node=2 -m flux2lab.bench --model tiny")
+    assert multi["recipe"] == recipe.to_dict()
+    assert multi["teacache"] == "replayed schedule: 1/4 (NVIDIA average 16/50, scaled)" and multi["skipped_steps"] == [2]
+    assert multi["step_s"]["n"] == 3 and multi["image_s"]["median"] > 0
+    assert (tmp_path / "out" / "x2" / "bench.json").is_file()
+
+
+def test_a_rung_that_cannot_run_drops_out_of_the_rungs_above(tmp_path, monkeypatch):
+    real_apply = benchmark.apply
+
+    def no_compile(pipe, recipe):
+        if recipe.compile:
+            raise FeatureNotAvailable("torch.compile is not available here")
+        return real_apply(pipe, recipe)
+
+    monkeypatch.setattr(benchmark, "apply", no_compile)
+    cfg = benchmark.BenchConfig(model="tiny", device="cpu", ladder="eager-bf16,compile,+fp8", steps=3, reps=1,
+                                warmup=0, floor=False, out=tmp_path)
+    result = benchmark.Bench(cfg, say=lambda m: None).run()
+    rungs = {r["name"]: r for r in result["rungs"]}
+    assert rungs["compile"] == {**rungs["compile"], "status": "skipped",
+                                "reason": "torch.compile is not available here"}
+    assert rungs["+fp8"]["without"] == ["compile", "+cuda-graphs"]  # the second: not selected, no CUDA here
+    assert rungs["+fp8"]["status"] == "skipped"
+    assert [t["met"] for t in result["targets"]] == [None] * 6, "nothing comparable was measured"
+
+
+def test_full_size_step_workload_matches_the_published_count():
+    """4096 image + 512 text tokens: 282.6 TFLOP a step, read off the model's own forward on the meta device."""
+    config = dict(build_transformer_on_meta().config)
+    work = step_workload(config, 4096, 512)
+    total = (work.gemm_flops + work.attention_flops) / 1e12
+    assert total == pytest.approx(282.6, abs=0.05)
+    assert work.attentions == [Attention(1, 48, 4608, 4608, 128, 56)]  # 8 double + 48 single blocks
+    assert Gemm(4608, 6144, 55296, 48) in work.gemms  # fused QKV + MLP-in of every single-stream block
+
+
+def test_floor_times_every_piece_and_sums_them():
+    work = Workload(16, 8, [Gemm(24, 32, 48, 2), Gemm(1, 32, 16, 3)], [Attention(1, 2, 24, 24, 16, 4)])
+    floor = measure_floor(work, torch.device("cpu"), torch.float32)
+    assert len(floor["pieces"]) == 3
+    for key in ("bf16", "fp8"):
+        f = floor[key]
+        assert f["step_s"] == pytest.approx(f["gemm_s"] + f["attention_s"])
+        assert f["gemm_s"] == pytest.approx(sum(p[f"{'high' if key == 'bf16' else 'fp8'}_s"]
+                                                for p in floor["pieces"] if p["kind"] == "gemm"))
+    assert floor["tflop_per_step"] == pytest.approx((work.gemm_flops + work.attention_flops) / 1e12)
+
+
+TEACACHE_50 = Recipe(steps=50).replace(teacache={"enabled": True})
+
+
+def test_teacache_plans():
+    plan = skip_plan("auto", False, TEACACHE_50)
+    assert plan.describe == "replayed schedule: 16/50 (NVIDIA average)"
+    steps = plan.skip_steps
+    assert len(steps) == len(set(steps)) == 16 and list(steps) == sorted(steps)
+    assert min(steps) >= FLUX2_DEV_RET_STEPS and max(steps) <= 48, "the first ret_steps and the last step compute"
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert max(gaps) - min(gaps) <= 1, "skips spread evenly"
+    assert skip_plan("auto", True, TEACACHE_50).skip_steps is None, "real weights decide for themselves"
+    assert skip_plan("real", False, TEACACHE_50).describe == "real TeaCache decisions"
+    assert len(skip_plan("8/50", False, TEACACHE_50.replace(steps=25, teacache={"ret_steps": 5})).skip_steps) == 4
+    assert skip_plan("0", False, TEACACHE_50).skip_steps == ()
+    assert benchmark.scaled_ret_steps(50) == FLUX2_DEV_RET_STEPS and benchmark.scaled_ret_steps(4) == 1
+    with pytest.raises(Flux2LabError, match="only 39 can be skipped"):
+        spread_skips(50, 40, 10)
+    with pytest.raises(Flux2LabError, match="0 <= K <= N"):
+        skip_plan("60/50", False, TEACACHE_50)
+
+
+def test_teacache_plan_from_a_calibration_fit_and_trace(tmp_path):
+    """TeaCache's own rule on recorded distances, for the prompt with the median skip count."""
+    fit, trace = tmp_path / "fit.json", tmp_path / "samples.csv"
+    fit.write_text(json.dumps({"coefficients": [1.0, 0.0]}))  # rescaled distance = rel_l1
+    rows = ["prompt_id,kind,seed,step,timestep,x,y"]
+    for prompt, x in (("calm", 0.01), ("busy", 0.2), ("mid", 0.03)):
+        rows += [f"{prompt},t2i,0,{t},{1000 - 100 * t},{x},0.1" for t in range(1, 10)]
+    trace.write_text("\n".join(rows) + "\n")
+    recipe = Recipe(steps=10).replace(teacache={"enabled": True, "ret_steps": 2, "threshold": 0.05})
+    plan = skip_plan(f"{fit}:{trace}", False, recipe)
+    # 'mid' (0.03 a step, threshold 0.05): from step 2 on, every other step is skipped
+    assert plan.skip_steps == (2, 4, 6, 8)
+    assert "prompt 'mid', the median of 3: 0-7 skipped" in plan.describe
+    with pytest.raises(Flux2LabError, match="needs a trace of steps 1..19"):
+        skip_plan(f"{fit}:{trace}", False, recipe.replace(steps=20))
+    with pytest.raises(Flux2LabError, match="does not exist"):
+        skip_plan(f"{tmp_path / 'nofit.json'}:{trace}", False, recipe)
+
+
+def _gpu_like_result() -> dict:
+    """The issue's H200 numbers, as bench.json would hold them."""
+
+    def rung(name, step, precision="bf16", teacache=None, gpus=1, **extra):
+        image = step * 50 * (34 / 50 if teacache else 1) / gpus ** 0.9
+        return {"name": name, "adds": "...", "status": "ok", "steps": 50, "skipped_steps": list(range(16)) if teacache
+                else [], "recipe": {"transformer_precision": precision, "ulysses_degree": gpus},
+                "step_s": benchmark.spread([step] * 3), "image_s": benchmark.spread([image] * 3),
+                "computed_step_s": benchmark.spread([step] * 3) if teacache else None,
+                "teacache": teacache, **extra}
+
+    floor_fp8 = {"step_s": 0.21, "gemm_s": 0.17, "attention_s": 0.04, "gemm_tflops": 1490.0, "gemms_not_in_fp8": []}
+    return {
+        "command": "python -m flux2lab.bench --model full-random --out x", "coverage": "transformer only: ...",
+        "environment": {"cuda": True, "device_name": "NVIDIA H200", "compute_capability": "9.0", "memory_gib": 139.8,
+                        "driver": "570.1", "cuda_runtime": "13.0", "torch": "2.14", "diffusers": "0.42",
+                        "transformers": "5", "torchao": "0.18", "flux2lab": "0.1.0", "git_commit": "abc"},
+        "model": {"source": "full-random", "kind": "full-random", "revision": None},
+        "height": 1024, "width": 1024, "steps": 50, "timing": "CUDA events",
+        "settings": {"reps": 3, "warmup": 1, "warmup_steps": 3, "timed_steps": 50,
+                     "teacache_schedule": "replayed schedule: 16/50 (NVIDIA average)"},
+        "floor": {"dtype": "bfloat16", "tflop_per_step": 282.6, "gemm_tflop": 253.4, "attention_tflop": 29.2,
+                  "image_tokens": 4096, "text_tokens": 512, "note": "arithmetic only",
+                  "bf16": {"step_s": 0.36, "gemm_s": 0.32, "attention_s": 0.04, "gemm_tflops": 790.0},
+                  "fp8": floor_fp8},
+        "rungs": [
+            rung("eager-bf16", 0.538), rung("compile", 0.442), rung("+cuda-graphs", 0.43),
+            rung("+fp8", 0.29, "fp8"), rung("+teacache", 0.29, "fp8", "replayed schedule: 16/50 (NVIDIA average)"),
+            {"name": "x2-gpus", "adds": "...", "status": "skipped", "reason": "needs 2 GPUs, 1 visible here"},
+        ],
+        "targets": [], "wall_s": 500.0,
+    }
+
+
+def test_targets_markdown_and_chart_from_gpu_numbers(tmp_path):
+    result = _gpu_like_result()
+    benchmark.summarize(result)
+    targets = {t["target"]: t for t in result["targets"]}
+    assert all(t["applies_here"] for t in targets.values())
+    assert targets["compile >= 1.2x eager-bf16"]["met"] is True  # 0.538 / 0.442 = 1.22
+    assert targets["+fp8 >= 1.8x eager-bf16"]["met"] is True  # 1.86
+    assert targets["full single-GPU stack (+teacache) >= 3.0x eager-bf16"]["value"] == pytest.approx(
+        0.538 / (0.29 * 34 / 50))
+    fp8_floor = targets["+fp8 compiled step <= 1.3x the floor"]
+    assert fp8_floor["met"] is False and fp8_floor["value"] == pytest.approx(0.29 / 0.21)
+    assert targets["x2-gpus >= 1.85x the 1-GPU full stack"]["met"] is None
+    rungs = {r["name"]: r for r in result["rungs"]}
+    assert rungs["compile"]["floor_ratio"] == pytest.approx(0.442 / 0.36)
+    assert rungs["+fp8"]["speedup_vs_previous"] == pytest.approx(0.43 / 0.29)
+
+    paths = benchmark.write_report(result, tmp_path)
+    md = paths[1].read_text()
+    assert "**NOT met** — +fp8 compiled step <= 1.3x the floor: 1.38x" in md
+    assert "**met** — compile >= 1.2x eager-bf16: 1.22x" in md
+    assert "replayed schedule: 16/50 (NVIDIA average); skipped 16/50" in md
+    assert "| bfloat16 | 0.320 s | 0.040 s | 0.360 s | 790 TFLOP/s | 18.00 s |" in md
+    assert paths[2].stat().st_size > 5000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_floor_on_the_gpu_at_full_size():
+    work = step_workload(dict(build_transformer_on_meta().config), 4096, 512)
+    floor = measure_floor(work, torch.device("cuda"), torch.bfloat16)
+    assert 100 < floor["bf16"]["gemm_tflops"] < 2500
+    assert floor["fp8"]["step_s"] < floor["bf16"]["step_s"]
