@@ -306,6 +306,7 @@ class Gemm:
     k: int
     n: int
     count: int
+    fp8: bool = True  # quantized by the precision rung (flux2lab.quant's layer rule); else stays in BF16
 
     @property
     def flops(self) -> int:
@@ -345,8 +346,11 @@ class Workload:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self):
+    """Counts every GEMM (by shape, and by whether its layer gets quantized) and attention call."""
+
+    def __init__(self, quantized_weights: set[int]):
         super().__init__()
+        self.quantized = quantized_weights
         self.linear: Counter = Counter()
         self.sdpa: Counter = Counter()
 
@@ -354,7 +358,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.linear:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            self.linear[(x.numel() // x.shape[-1], w.shape[1], w.shape[0])] += 1
+            self.linear[(x.numel() // x.shape[-1], w.shape[1], w.shape[0], id(w) in self.quantized)] += 1
         elif func is F.scaled_dot_product_attention:
             q = args[0] if args else kwargs["query"]
             k = args[1] if len(args) > 1 else kwargs["key"]
@@ -368,9 +372,13 @@ def image_tokens(pipe: Any, height: int, width: int) -> int:
 
 
 def step_workload(transformer_config: dict[str, Any], n_image: int, n_text: int) -> Workload:
-    """Run the transformer's forward on the meta device and record every GEMM and attention it makes."""
+    """Run the transformer's forward on the meta device and record every GEMM and attention it makes, and
+    which GEMMs the low-precision rung quantizes (the layer rule of flux2lab.quant, NVIDIA's for FLUX.2 [dev])."""
+    from flux2lab.quant import select_layers
+
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     model = build_transformer_on_meta(**config)
+    quantized = {id(model.get_submodule(name).weight) for name in select_layers(model)[0]}
     axes = len(model.config.axes_dims_rope)
     with torch.device("meta"):
         inputs = {
@@ -379,34 +387,42 @@ def step_workload(transformer_config: dict[str, Any], n_image: int, n_text: int)
             "timestep": torch.empty(1), "guidance": torch.empty(1) if model.config.guidance_embeds else None,
             "img_ids": torch.empty(1, n_image, axes), "txt_ids": torch.empty(1, n_text, axes),
         }
-    recorder = _Recorder()
+    recorder = _Recorder(quantized)
     with torch.no_grad(), recorder:
         model(**inputs, return_dict=False)
     return Workload(
         n_image, n_text,
-        [Gemm(m, k, n, c) for (m, k, n), c in sorted(recorder.linear.items())],
+        [Gemm(m, k, n, c, q) for (m, k, n, q), c in sorted(recorder.linear.items())],
         [Attention(*shape, c) for shape, c in sorted(recorder.sdpa.items())],
     )
 
 
+def _fp8_gemm_time(clock: _Clock, a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> float | str:
+    """Median time of `a @ w.T` as an FP8 E4M3 GEMM with row-wise scales (torchao's FP8 path), or why not."""
+    sa = torch.ones(a.shape[0], 1, device=a.device, dtype=torch.float32)
+    sb = torch.ones(1, w.shape[0], device=a.device, dtype=torch.float32)
+    a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    try:
+        return _median_time(clock, torch._scaled_mm, a8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=dtype)
+    except (RuntimeError, NotImplementedError) as e:
+        return str(e).splitlines()[0]
+
+
 def measure_floor(work: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Time the step's GEMMs (model dtype and FP8 row-wise) and attentions on this card; floor = their sum."""
+    """Time the step's GEMMs (model dtype, and FP8 row-wise for the layers the precision rung quantizes) and its
+    attentions on this card; the floor of a step is their sum."""
     clock = _Clock(device)
     pieces, fp8_failed = [], []
     for g in work.gemms:
         a = torch.randn(g.m, g.k, device=device, dtype=dtype)
         w = torch.randn(g.n, g.k, device=device, dtype=dtype)
         high = _median_time(clock, F.linear, a, w)
-        try:
-            a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
-            sa = torch.ones(g.m, 1, device=device, dtype=torch.float32)
-            sb = torch.ones(1, g.n, device=device, dtype=torch.float32)
-            fp8 = _median_time(clock, torch._scaled_mm, a8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=dtype)
-        except (RuntimeError, NotImplementedError) as e:  # no FP8 GEMM for this shape/device: count it at high
-            fp8, reason = high, str(e).splitlines()[0]
-            fp8_failed.append(f"{g.m}x{g.k}x{g.n}: {reason}")
+        fp8 = _fp8_gemm_time(clock, a, w, dtype) if g.fp8 else high
+        if isinstance(fp8, str):  # no FP8 GEMM for this shape/device: counted at the model dtype
+            fp8_failed.append(f"{g.m}x{g.k}x{g.n}: {fp8}")
+            fp8 = high
         pieces.append({"kind": "gemm", "m": g.m, "k": g.k, "n": g.n, "count": g.count, "tflop": g.flops / 1e12,
-                       "high_s": high * g.count, "fp8_s": fp8 * g.count})
+                       "quantized": g.fp8, "high_s": high * g.count, "fp8_s": fp8 * g.count})
         del a, w
     for at in work.attentions:
         q = torch.randn(at.batch, at.heads, at.q_len, at.head_dim, device=device, dtype=dtype)
@@ -432,6 +448,7 @@ def measure_floor(work: Workload, device: torch.device, dtype: torch.dtype) -> d
                  "gemm_tflops": work.gemm_flops / 1e12 / gemm_high if gemm_high else None},
         "fp8": {"gemm_s": gemm_fp8, "attention_s": attn, "step_s": gemm_fp8 + attn,
                 "gemm_tflops": work.gemm_flops / 1e12 / gemm_fp8 if gemm_fp8 else None,
+                "kept_high_tflop": sum(g.flops for g in work.gemms if not g.fp8) / 1e12,
                 "gemms_not_in_fp8": fp8_failed},
         "attention_tflops": work.attention_flops / 1e12 / attn if attn else None,
         "pieces": pieces,
@@ -981,6 +998,8 @@ def markdown(result: dict[str, Any]) -> str:
             fl = floor[key]
             lines.append(f"| {label} | {fl['gemm_s']:.3f} s | {fl['attention_s']:.3f} s | {fl['step_s']:.3f} s | "
                          f"{_f(fl['gemm_tflops'], '.4g', ' TFLOP/s')} | {fl['step_s'] * result['steps']:.2f} s |")
+        lines.append(f"\nThe FP8 floor keeps the layers flux2lab.quant's rule keeps in high precision at "
+                     f"{floor['dtype']} ({floor['fp8']['kept_high_tflop']:.4g} TFLOP a step), as the FP8 rung does.")
         if floor["fp8"]["gemms_not_in_fp8"]:
             lines.append(f"\nGEMMs without an FP8 kernel here (counted at {floor['dtype']}): "
                          + "; ".join(floor["fp8"]["gemms_not_in_fp8"]))

@@ -170,13 +170,20 @@ def test_full_size_step_workload_matches_the_published_count():
     total = (work.gemm_flops + work.attention_flops) / 1e12
     assert total == pytest.approx(282.6, abs=0.05)
     assert work.attentions == [Attention(1, 48, 4608, 4608, 128, 56)]  # 8 double + 48 single blocks
-    assert Gemm(4608, 6144, 55296, 48) in work.gemms  # fused QKV + MLP-in of every single-stream block
+    assert Gemm(4608, 6144, 55296, 48, fp8=True) in work.gemms  # fused QKV + MLP-in of each single block
+    # NVIDIA's layer rule keeps the text stream's attention projections and the embedders in BF16
+    assert Gemm(512, 6144, 6144, 32, fp8=False) in work.gemms
+    assert Gemm(4096, 128, 6144, 1, fp8=False) in work.gemms
+    kept = sum(g.flops for g in work.gemms if not g.fp8) / 1e12
+    assert 1 < kept < 5
 
 
 def test_floor_times_every_piece_and_sums_them():
-    work = Workload(16, 8, [Gemm(24, 32, 48, 2), Gemm(1, 32, 16, 3)], [Attention(1, 2, 24, 24, 16, 4)])
+    work = Workload(16, 8, [Gemm(24, 32, 48, 2), Gemm(1, 32, 16, 3, fp8=False)], [Attention(1, 2, 24, 24, 16, 4)])
     floor = measure_floor(work, torch.device("cpu"), torch.float32)
     assert len(floor["pieces"]) == 3
+    kept = floor["pieces"][1]
+    assert kept["fp8_s"] == kept["high_s"], "a layer the rule keeps in high precision has no FP8 time"
     for key in ("bf16", "fp8"):
         f = floor[key]
         assert f["step_s"] == pytest.approx(f["gemm_s"] + f["attention_s"])
@@ -237,7 +244,8 @@ def _gpu_like_result() -> dict:
                 "computed_step_s": benchmark.spread([step] * 3) if teacache else None,
                 "teacache": teacache, **extra}
 
-    floor_fp8 = {"step_s": 0.21, "gemm_s": 0.17, "attention_s": 0.04, "gemm_tflops": 1490.0, "gemms_not_in_fp8": []}
+    floor_fp8 = {"step_s": 0.21, "gemm_s": 0.17, "attention_s": 0.04, "gemm_tflops": 1490.0, "kept_high_tflop": 1.35,
+                 "gemms_not_in_fp8": []}
     return {
         "command": "python -m flux2lab.bench --model full-random --out x", "coverage": "transformer only: ...",
         "environment": {"cuda": True, "device_name": "NVIDIA H200", "compute_capability": "9.0", "memory_gib": 139.8,
