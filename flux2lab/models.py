@@ -2,6 +2,8 @@
 
 - `tiny`: a FLUX.2 pipeline of the real diffusers/transformers classes at toy size, random weights, built
   offline in seconds; every code path runs on it on a CPU.
+- `mini`: the same classes at small size, *trained* on flux2lab's synthetic world (`flux2lab.zoo`), so quality
+  can be measured against ground truth offline; its weights ship in flux2lab/zoo/weights/.
 - `full-random`: the full-size FLUX.2 [dev] transformer with random weights and synthetic prompt
   embeddings of the real shape, for speed measurements (time per step does not depend on weight values).
 - a hub id or local folder: the real `Flux2Pipeline.from_pretrained`.
@@ -201,8 +203,16 @@ def load_pretrained(source: str, device: str, dtype: torch.dtype) -> Flux2Pipeli
     return pipe.to(device)
 
 
+def build_mini(device: str, dtype: torch.dtype) -> Flux2Pipeline:
+    """`mini`: FLUX.2 at small size, trained on flux2lab's synthetic world (flux2lab.zoo, imported on use)."""
+    from flux2lab.zoo.mini import build_mini as build
+
+    return build(device, dtype)
+
+
 BUILTIN: dict[str, Callable[[str, torch.dtype], Flux2Pipeline]] = {
     "tiny": build_tiny,
+    "mini": build_mini,
     "full-random": build_full_random,
 }
 

@@ -1,0 +1,231 @@
+"""Score a model on the mini world: attribute accuracy on held-out captions, domain FID against real images.
+
+`evaluate(pipe, recipe)` generates one image per held-out caption (seeds 0..n-1 unless told) and reads them
+with the yardstick; `compare(baseline, candidate)` puts two runs on the same prompts and seeds side by side
+(accuracy drop, LPIPS, PSNR, domain FID between the sets, steps skipped). The command does the same:
+
+    python -m flux2lab.zoo.evaluate --model mini --n 200                       # mini at 50 steps
+    python -m flux2lab.zoo.evaluate --model mini --recipe cand.json --baseline base.json --out cmp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import Flux2Pipeline
+
+from flux2lab.cli import add_model_args, dtype_of, run_main
+from flux2lab.core import Generation, ImageRecord, applied_recipe, apply, generate
+from flux2lab.errors import Flux2LabError
+from flux2lab.models import model_info
+from flux2lab.recipe import Recipe
+from flux2lab.zoo import world, yardstick
+
+REAL_SEED = 10_000  # real images come from seeds no evaluation prompt uses
+
+
+@dataclass
+class Evaluation:
+    """One model + recipe on n held-out captions."""
+
+    prompts: list[str]
+    seeds: list[int]
+    images: list[Any] = field(repr=False)
+    per_image_accuracy: np.ndarray = field(repr=False)
+    domain_fid: float
+    generation: Generation | None = field(default=None, repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.per_image_accuracy.mean())
+
+    def to_dict(self) -> dict:
+        g = self.generation
+        return {
+            "n": len(self.prompts),
+            "attribute_accuracy": self.accuracy,
+            "domain_fid": self.domain_fid,
+            "skipped_fraction": g.skipped_fraction if g else None,
+            "mean_wall_s": float(np.mean([r.wall_s for r in g.records])) if g else None,
+        }
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[str]:
+    return [s.caption for s in world.sample_scenes(n, seed, split="heldout")]
+
+
+def real_images(n: int, seed: int = REAL_SEED) -> torch.Tensor:
+    """n renders of scenes drawn from the whole world (the reference distribution of domain FID)."""
+    return world.render(world.sample_scenes(n, seed, split="all"), seed)
+
+
+def sample(
+    pipe: Flux2Pipeline, prompts: Sequence[str], seeds: Sequence[int], recipe: Recipe, batch_size: int = 1
+) -> Generation:
+    """`core.generate`, or, with batch_size > 1, the same pipeline call on batches (faster on a GPU; images
+    match one-by-one generation up to float rounding). TeaCache decides per batch: it needs batch_size 1."""
+    if batch_size <= 1:
+        return generate(pipe, list(prompts), list(seeds), recipe)
+    if recipe.teacache.enabled:
+        raise Flux2LabError("TeaCache skips steps per batch, not per image: evaluate it with batch_size 1.")
+    if applied_recipe(pipe) != recipe:
+        apply(pipe, recipe)
+    info = model_info(pipe)
+    images, records = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk, chunk_seeds = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
+        start = time.perf_counter()
+        out = pipe(
+            prompt=chunk,
+            height=recipe.height or info.height,
+            width=recipe.width or info.width,
+            num_inference_steps=recipe.steps,
+            guidance_scale=recipe.guidance,
+            generator=[torch.Generator(device="cpu").manual_seed(s) for s in chunk_seeds],
+            max_sequence_length=info.max_sequence_length,
+            text_encoder_out_layers=info.text_encoder_out_layers,
+            output_type="pil",
+        ).images
+        share = (time.perf_counter() - start) / len(chunk)  # per image: its share of the batch's time
+        images += out
+        records += [ImageRecord(prompt=p, seed=s, wall_s=share) for p, s in zip(chunk, chunk_seeds)]
+    return Generation(images=images, records=records)
+
+
+def evaluate(
+    pipe: Flux2Pipeline,
+    recipe: Recipe | None = None,
+    *,
+    n: int = 200,
+    seed: int = 0,
+    batch_size: int = 1,
+    real: torch.Tensor | None = None,
+    model: yardstick.Yardstick | None = None,
+) -> Evaluation:
+    """Generate for n held-out captions (seeds seed..seed+n-1) and score them with the yardstick."""
+    recipe = recipe or Recipe()
+    model = model or yardstick.load()
+    prompts = heldout_prompts(n, seed)
+    seeds = list(range(seed, seed + n))
+    gen = sample(pipe, prompts, seeds, recipe, batch_size)
+    real = real if real is not None else real_images(max(n, 500))
+    return Evaluation(
+        prompts=prompts,
+        seeds=seeds,
+        images=gen.images,
+        per_image_accuracy=yardstick.attribute_accuracy(model, gen.images, prompts),
+        domain_fid=yardstick.domain_fid(model, real, gen.images),
+        generation=gen,
+    )
+
+
+def compare(
+    baseline: Evaluation,
+    candidate: Evaluation,
+    *,
+    lpips_weights: str | Path | None = None,
+    model: yardstick.Yardstick | None = None,
+) -> dict:
+    """Candidate against baseline on the same prompts and seeds: what the acceleration cost."""
+    from flux2lab import metrics
+
+    if (baseline.prompts, baseline.seeds) != (candidate.prompts, candidate.seeds):
+        raise Flux2LabError("compare needs two evaluations of the same prompts and seeds.")
+    model = model or yardstick.load()
+    out = {
+        "accuracy_baseline": baseline.accuracy,
+        "accuracy_candidate": candidate.accuracy,
+        "accuracy_drop": baseline.accuracy - candidate.accuracy,
+        "domain_fid_baseline": baseline.domain_fid,
+        "domain_fid_candidate": candidate.domain_fid,
+        "domain_fid_between": yardstick.domain_fid(model, baseline.images, candidate.images),
+        "psnr": float(np.mean(metrics.psnr(baseline.images, candidate.images, device="cpu"))),
+        "skipped_fraction": candidate.generation.skipped_fraction if candidate.generation else None,
+    }
+    if lpips_weights is not None:
+        out["lpips"] = float(np.mean(metrics.lpips(baseline.images, candidate.images, lpips_weights)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flux2lab.zoo.evaluate",
+        description="Attribute accuracy and domain FID of a model on held-out captions of the mini world; "
+        "with --baseline, what a recipe costs against another on the same prompts and seeds.",
+    )
+    add_model_args(p)
+    p.set_defaults(model="mini")
+    p.add_argument("--recipe", type=Path, help="recipe JSON to evaluate (default: plain BF16, 50 steps)")
+    p.add_argument(
+        "--baseline", type=Path, help="recipe JSON to compare against (same model, prompts, seeds)"
+    )
+    p.add_argument("--steps", type=int, help="denoising steps (overrides both recipes)")
+    p.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="first caption/seed index (default 0)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per pipeline call; >1 is faster on a GPU, not allowed with TeaCache (default 1)",
+    )
+    p.add_argument("--yardstick-weights", type=Path, help="yardstick weights (default: the shipped ones)")
+    p.add_argument("--lpips-weights", type=Path, help="LPIPS AlexNet checkpoint (for --baseline; optional)")
+    p.add_argument("--out", type=Path, help="write the numbers as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flux2lab.models import load_pipeline
+
+    if args.n < 2:
+        raise Flux2LabError("--n must be at least 2 (domain FID needs two images).")
+
+    def recipe_of(path: Path | None) -> Recipe:
+        r = Recipe.load(path) if path else Recipe()
+        return r.replace(steps=args.steps) if args.steps else r
+
+    model = yardstick.load(args.yardstick_weights)
+    real = real_images(max(args.n, 500))
+    runs = {"candidate": recipe_of(args.recipe)}
+    if args.baseline:
+        runs = {"baseline": recipe_of(args.baseline), **runs}
+    results, evals = {}, {}
+    for name, recipe in runs.items():
+        # A fresh pipeline per recipe: model-changing fields (precision) cannot be undone in place.
+        pipe = load_pipeline(args.model, device=args.device, dtype=dtype_of(args.dtype))
+        evals[name] = evaluate(
+            pipe, recipe, n=args.n, seed=args.seed, batch_size=args.batch_size, real=real, model=model
+        )
+        results[name] = {"recipe": recipe.to_dict(), **evals[name].to_dict()}
+        print(
+            f"{name}: attribute accuracy {evals[name].accuracy:.3f}, domain FID {evals[name].domain_fid:.2f}"
+        )
+    if args.baseline:
+        results["comparison"] = compare(
+            evals["baseline"], evals["candidate"], lpips_weights=args.lpips_weights, model=model
+        )
+        print(
+            "comparison: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in results["comparison"].items() if isinstance(v, float))
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": args.model, "seed": args.seed, **results}, indent=2) + "\n")
+        print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
