@@ -20,6 +20,7 @@ import torch
 from diffusers import Flux2Pipeline
 from PIL import Image
 
+from flux2lab import teacache
 from flux2lab.errors import FeatureNotAvailable, Flux2LabError
 from flux2lab.models import model_info
 from flux2lab.recipe import Recipe
@@ -114,8 +115,11 @@ def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
 
 
 def _apply_teacache(pipe: Flux2Pipeline, recipe: Recipe) -> None:
+    # Re-applying swaps the config on the hooks already attached (no recompilation of a compiled model).
     if recipe.teacache.enabled:
-        raise FeatureNotAvailable("TeaCache needs flux2lab.teacache, which this build does not have yet.")
+        teacache.apply_teacache(pipe.transformer, teacache.TeaCacheConfig.from_recipe(recipe))
+    else:
+        teacache.remove_teacache(pipe.transformer)
 
 
 def synthetic_prompt_embeds(pipe: Flux2Pipeline, prompt: str) -> torch.Tensor:
