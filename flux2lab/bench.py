@@ -1,6 +1,7 @@
 """`python -m flux2lab.bench`: the layered speed benchmark (NVIDIA's Figure 4 ladder) on this machine's GPUs.
 
-    python -m flux2lab.bench --model full-random --out reports/benchmarks/h100/          # one H100 / H200
+    python -m flux2lab.bench --model full-random --reps 3 --timed-steps 10 --out reports/benchmarks/h100/  # H100
+    python -m flux2lab.bench --model full-random --whole-pipeline --out reports/benchmarks/h200/  # + text enc, VAE
     python -m flux2lab.bench --model tiny --steps 4 --out /tmp/bench                      # CPU smoke run
 
 Rungs: eager-bf16, compile, +cuda-graphs, +fp8 (Hopper/Ada) or +nvfp4 (Blackwell), +teacache, xN-gpus; each
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps skipped) | real | K/N (replay K skipped of every N steps) | K (K skipped steps)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="do not time the step's GEMMs and attention (the floor)")
+    p.add_argument("--whole-pipeline", action="store_true",
+                   help="with --model full-random: also build the full-size Mistral text encoder and VAE (random "
+                        "weights, ~105 GiB in BF16: an H200) and time whole images, as NVIDIA did")
     return p
 
 
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, device=str(env.device) if world > 1 else args.device, dtype=args.dtype,
         ladder=args.ladder, recipe=args.recipe, precision=args.precision, gpus=args.gpus, steps=args.steps,
         height=args.height, width=args.width, reps=args.reps, warmup=args.warmup, warmup_steps=args.warmup_steps,
-        timed_steps=args.timed_steps, teacache_schedule=args.teacache_schedule, floor=args.floor, out=args.out,
+        timed_steps=args.timed_steps, teacache_schedule=args.teacache_schedule, floor=args.floor,
+        whole_pipeline=args.whole_pipeline, out=args.out,
         command=f"{launcher} flux2lab.bench {shlex.join(words)}",
     )
 

@@ -31,6 +31,7 @@ parallelism of degree N) when N GPUs are visible, and otherwise prints the comma
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -457,6 +458,73 @@ def measure_floor(work: Workload, device: torch.device, dtype: torch.dtype) -> d
     }
 
 
+# --- the whole pipeline at full size ------------------------------------------------------------------------
+
+# Mistral Small 3.1 (24B), FLUX.2 [dev]'s text encoder, as configured on the hub. Its vision tower (0.4B) is
+# built too, though text-to-image never runs it.
+MISTRAL_SMALL_3_1 = {
+    "text_config": {
+        "model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072,
+        "max_position_embeddings": 131072, "rope_theta": 1e9, "rms_norm_eps": 1e-5, "sliding_window": None,
+    },
+    "vision_config": {
+        "model_type": "pixtral", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "intermediate_size": 4096, "image_size": 1540, "patch_size": 14, "head_dim": 64,
+    },
+    "spatial_merge_size": 2, "multimodal_projector_bias": False, "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+}
+WHOLE_PIPELINE_PARAMS = 32.3e9 + 23.6e9 + 0.1e9  # transformer + text encoder + VAE
+
+
+def full_size_text_encoder_and_vae() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """FLUX.2 [dev]'s text encoder and VAE at full size, on the meta device (no memory)."""
+    from diffusers import AutoencoderKLFlux2
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from flux2lab import tokenizer as tok
+
+    config = Mistral3Config(**MISTRAL_SMALL_3_1, image_token_index=tok.IMAGE_TOKEN_ID, bos_token_id=tok.BOS_ID,
+                            eos_token_id=tok.EOS_ID, pad_token_id=tok.PAD_ID)
+    with torch.device("meta"):
+        return Mistral3ForConditionalGeneration(config), AutoencoderKLFlux2()  # diffusers' default: FLUX.2's VAE
+
+
+def build_whole_random(device: str | None, dtype: torch.dtype | None, seed: int = 0) -> Any:
+    """`full-random` plus the full-size text encoder and VAE with random weights, and flux2lab's offline
+    tokenizer: the whole FLUX.2 [dev] pipeline (prompt encoding, 50 steps, VAE decode), timed as NVIDIA did.
+    About 105 GiB in BF16, so an H200 (or larger), not an 80 GB H100."""
+    from diffusers import Flux2Pipeline
+
+    from flux2lab import tokenizer as tok
+    from flux2lab.models import materialize_random
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if torch.device(device).type != "cuda":
+        raise Flux2LabError("--whole-pipeline builds the full-size FLUX.2 [dev] pipeline: it needs a CUDA GPU.")
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    need = WHOLE_PIPELINE_PARAMS * torch.finfo(dtype).bits / 8
+    if free < need:
+        raise Flux2LabError(
+            f"--whole-pipeline needs about {need / GIB:.0f} GiB of GPU memory in {dtype} (transformer, 24B text "
+            f"encoder, VAE); {device} has {free / GIB:.0f} GiB free. Use an H200, or leave --whole-pipeline out to "
+            "time the transformer alone."
+        )
+    transformer_only = load_pipeline("full-random", device=device, dtype=dtype)
+    text_encoder, vae = full_size_text_encoder_and_vae()
+    pipe = Flux2Pipeline(
+        scheduler=transformer_only.scheduler, vae=materialize_random(vae, device, dtype, seed + 1),
+        text_encoder=materialize_random(text_encoder, device, dtype, seed + 2), tokenizer=tok.build_processor(),
+        transformer=transformer_only.transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.flux2lab_model = dataclasses.replace(model_info(transformer_only), source="full-random (whole pipeline)",
+                                              synthetic_text=False)
+    return pipe
+
+
 # --- one run of the ladder ------------------------------------------------------------------------------------
 
 @dataclass
@@ -479,6 +547,7 @@ class BenchConfig:
     timed_steps: int | None = None
     teacache_schedule: str = "auto"
     floor: bool = True
+    whole_pipeline: bool = False  # full-random with the full-size text encoder and VAE
     out: Path = Path("reports/benchmarks/bench")
     command: str = ""
 
@@ -488,6 +557,9 @@ class BenchConfig:
             if value is not None and value < low:
                 why = " (step times are intervals between step ends)" if low == 2 else ""
                 raise Flux2LabError(f"--{name.replace('_', '-')} {value}: give an integer >= {low}{why}.")
+        if self.whole_pipeline and self.model != "full-random":
+            raise Flux2LabError(f"--whole-pipeline adds the full-size text encoder and VAE to --model full-random; "
+                                f"'{self.model}' has its own (or none).")
         if self.gpus is not None and (not self.gpus or min(self.gpus) < 2):
             raise Flux2LabError(f"--gpus {','.join(map(str, self.gpus))}: give GPU counts of 2 or more, e.g. 2,4.")
 
@@ -501,6 +573,8 @@ class BenchConfig:
             args += ["--teacache-schedule", self.teacache_schedule]
         if self.dtype:
             args += ["--dtype", self.dtype]
+        if self.whole_pipeline:
+            args.append("--whole-pipeline")
         return args
 
 
@@ -577,7 +651,6 @@ class Bench:
         self.touched = False  # whether the current rung got as far as applying its recipe to the pipeline
         self.load_s: float | None = None
 
-    # The rung recipes, built as the ladder runs (a rung that cannot run drops out of the ones above it).
     def _base(self) -> Recipe:
         """The ladder's first recipe, or the one recipe given, with --steps/--height/--width applied."""
         cfg = self.cfg
@@ -621,7 +694,7 @@ class Bench:
             rungs, selected = self._ladder(device)
         self.plan = plan = self._plan(rungs)
         t0 = time.perf_counter()
-        self.pipe = load_pipeline(cfg.model, device=cfg.device, dtype=_dtype(cfg.dtype))
+        self.pipe = self._load(cfg.device)
         self.load_s = time.perf_counter() - t0  # reported by the first rung that uses this pipeline
         info = model_info(self.pipe)
         device = self.pipe.transformer.device
@@ -665,7 +738,7 @@ class Bench:
                     except Flux2LabError:  # FeatureNotAvailable, or a precision this dtype cannot take
                         dropped.append(rung.name)
                 continue
-            row = {"name": rung.name, "adds": rung.adds, "status": "ok", "recipe": None}
+            row = {"name": rung.name, "adds": rung.adds, "status": "ok", "recipe": recipe.to_dict()}
             if dropped:
                 row["without"] = list(dropped)
             self.say(f"rung {rung.name}: {rung.adds}")
@@ -696,6 +769,11 @@ class Bench:
         self._update()
         return result
 
+    def _load(self, device: str | None) -> Any:
+        if self.cfg.whole_pipeline:
+            return build_whole_random(device, _dtype(self.cfg.dtype))
+        return load_pipeline(self.cfg.model, device=device, dtype=_dtype(self.cfg.dtype))
+
     def _discard(self, device: torch.device) -> None:
         """Drop the pipeline and everything compiled or captured for it, and give its memory back to the driver
         (the full-size loader checks the driver's free memory) before the next one is loaded."""
@@ -711,12 +789,12 @@ class Bench:
         if recipe.ulysses_degree > 1 and self.world == 1:
             return self._run_under_torchrun(rung, recipe, device)
         self._precheck(rung, recipe, device)
-        row: dict[str, Any] = {"recipe": recipe.to_dict()}
+        row: dict[str, Any] = {}
         if self.pipe is not None and (done := applied_recipe(self.pipe)) is not None and done.model_changes(recipe):
             self._discard(device)
         if self.pipe is None:
             t0 = time.perf_counter()
-            self.pipe = load_pipeline(self.cfg.model, device=str(device), dtype=_dtype(self.cfg.dtype))
+            self.pipe = self._load(str(device))
             row["load_s"] = time.perf_counter() - t0
         elif self.load_s is not None:
             row["load_s"], self.load_s = self.load_s, None

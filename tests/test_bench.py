@@ -119,6 +119,7 @@ def test_timed_steps_are_extrapolated_to_the_full_schedule(tmp_path, capsys):
     (["--steps", "4", "--timed-steps", "5"], "--timed-steps 5 is more than the 4 steps"),
     (["--teacache-schedule", "lots"], "--teacache-schedule 'lots': give auto, real, K/N"),
     (["--model", "full-random", "--device", "cpu"], "needs a CUDA GPU"),
+    (["--whole-pipeline"], "--whole-pipeline adds the full-size text encoder and VAE to --model full-random"),
 ])
 def test_user_errors_name_the_flag(tmp_path, capsys, args, message):
     assert run_bench(["--model", "tiny", "--out", str(tmp_path), *args]) == 2
@@ -176,6 +177,16 @@ def test_full_size_step_workload_matches_the_published_count():
     assert Gemm(4096, 128, 6144, 1, fp8=False) in work.gemms
     kept = sum(g.flops for g in work.gemms if not g.fp8) / 1e12
     assert 1 < kept < 5
+
+
+def test_whole_pipeline_parts_are_flux2_dev_sized():
+    text_encoder, vae = benchmark.full_size_text_encoder_and_vae()
+    assert sum(p.numel() for p in text_encoder.parameters()) == pytest.approx(23.6e9, rel=0.02)  # Mistral Small 3.1
+    text = text_encoder.config.text_config
+    # the pipeline stacks 3 hidden states (layers 10, 20, 30) into the transformer's joint_attention_dim
+    assert 3 * text.hidden_size == build_transformer_on_meta().config.joint_attention_dim
+    assert text.num_hidden_layers >= 30
+    assert vae.config.latent_channels == 32 and len(vae.config.block_out_channels) == 4  # 8x down, 2x2 patches
 
 
 def test_floor_times_every_piece_and_sums_them():
