@@ -1,0 +1,313 @@
+"""`python -m flux2lab.search`: sweep TeaCache threshold x ret_steps with Optuna, show the Pareto front, freeze.
+
+    python -m flux2lab.search --model M --calibration fit.json --prompts FILE --study NAME   # create / resume
+    python -m flux2lab.search --study NAME --storage URL                                   # join as a worker
+    python -m flux2lab.search --study NAME --freeze --max-lpips 0.1                        # pick and freeze
+
+The library is `flux2lab.study`; this module only turns flags into its calls and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flux2lab.cli import add_model_args, dtype_of, run_main
+from flux2lab.errors import Flux2LabError
+
+# Options that define a study (stored in it). Given on a rerun, they must match; left out, the stored ones hold.
+DEFINING = ("model", "prompts", "seed", "recipe", "steps", "height", "width", "calibration", "grid", "threshold",
+            "ret_steps", "cutoff_steps", "precision", "sampler", "n_trials", "sampler_seed", "quality_metric",
+            "speed_metric")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flux2lab.metrics import add_weight_arguments
+
+    p = argparse.ArgumentParser(
+        prog="python -m flux2lab.search",
+        description="Search TeaCache settings (threshold x ret_steps, optionally cutoff_steps and transformer "
+                    "precision) with Optuna: each trial generates the prompt set, is timed and scored against an "
+                    "uncached reference; the Pareto front of speed vs quality is printed and plotted. --freeze "
+                    "picks the fastest point within a quality budget. Interrupted studies resume where they "
+                    "stopped; several processes or machines can share one study through its storage.",
+    )
+    p.add_argument("--study", required=True, help="study name (also its folder under EXPERIMENTS/studies/)")
+    p.add_argument("--storage", help="SQLAlchemy URL of the Optuna storage (default: sqlite:///EXPERIMENTS/studies.db)")
+    p.add_argument("--experiments", type=Path, default=Path("experiments"),
+                   help="folder for the default storage, study folders and frozen configs (default: experiments)")
+
+    d = p.add_argument_group("study definition (stored in the study: give them to create it; on a rerun give the "
+                             "same ones, or none to resume it as stored)")
+    add_model_args(d)
+    p.set_defaults(model=None)  # None: not given (a new study uses tiny)
+    d.add_argument("--prompts", type=Path, help="prompt file (.jsonl manifest or one prompt a line); required for a "
+                                                "new study")
+    d.add_argument("--seed", type=int, help="seed of the first prompt without its own seed; the next get +1 (default 0)")
+    d.add_argument("--recipe", type=Path, help="base recipe JSON (default: plain BF16); TeaCache is set per trial")
+    d.add_argument("--steps", type=int, help="denoising steps (overrides the base recipe)")
+    d.add_argument("--height", type=int, help="image height (overrides the base recipe)")
+    d.add_argument("--width", type=int, help="image width (overrides the base recipe)")
+    d.add_argument("--calibration", type=Path, help="calibration fit.json with the TeaCache coefficients "
+                                                    "(default: the published FLUX.2 [dev] coefficients)")
+    d.add_argument("--grid", type=Path, help="YAML/JSON file {threshold: [...], ret_steps: [...], cutoff_steps: "
+                                             "[...], transformer_precision: [...]}")
+    d.add_argument("--threshold", help="comma-separated TeaCache thresholds (default 0.02,0.05,0.1,0.2)")
+    d.add_argument("--ret-steps", help="comma-separated ret_steps (default: 0, 10%% and 20%% of the steps)")
+    d.add_argument("--cutoff-steps", help="comma-separated cutoff_steps; 'none' = no cutoff (default: not searched)")
+    d.add_argument("--precision", help="comma-separated transformer precisions, e.g. bf16,fp8 (default: not searched)")
+    d.add_argument("--sampler", choices=["grid", "tpe"], help="grid (every point; default) or tpe (--n-trials "
+                                                              "trials within the grid's ranges)")
+    d.add_argument("--n-trials", type=int, help="number of trials for --sampler tpe")
+    d.add_argument("--sampler-seed", type=int, help="seed of the grid order / TPE (default 0)")
+    d.add_argument("--quality-metric", choices=["auto", "lpips", "psnr", "ssim"],
+                   help="quality objective (default auto: lpips when its weights are found, else ssim)")
+    d.add_argument("--speed-metric", choices=["time", "skipped"],
+                   help="speed objective: measured time per image (default) or the fraction of skipped steps "
+                        "(steadier where timings are noisy, e.g. a busy CPU)")
+
+    r = p.add_argument_group("running")
+    r.add_argument("--workers", type=int, default=1, help="local worker processes, each on its own GPU where there "
+                                                          "are several (default 1: run in this process)")
+    r.add_argument("--keep-pipelines", type=int, default=1,
+                   help="pipelines kept loaded when transformer precision is searched (each is a whole model)")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="run again the grid points whose trials failed with an error")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or summary (for worker processes)")
+    r.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    add_weight_arguments(r)
+
+    f = p.add_argument_group("freeze")
+    f.add_argument("--freeze", action="store_true", help="write the fastest trial within the quality budget as a "
+                                                         "frozen config")
+    f.add_argument("--max-lpips", type=float, help="quality budget: LPIPS at most X")
+    f.add_argument("--min-psnr", type=float, help="quality budget: PSNR at least X dB")
+    f.add_argument("--min-ssim", type=float, help="quality budget: SSIM at least X")
+    f.add_argument("--out", type=Path, help="frozen config path (default: EXPERIMENTS/frozen/STUDY.json)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _study_dir(args) -> Path:
+    return args.experiments / "studies" / args.study
+
+
+def _metric_weights(args, quality_metric: str | None):
+    """Resolve metric weights before any model work: LPIPS as the metrics module decides (error, or skipped
+    with --skip-missing), PSNR/SSIM always, CLIP only when its weights are there."""
+    from flux2lab import metrics
+
+    paths = metrics.weight_paths(args)
+    options = metrics.MetricOptions(device=args.device)
+    weights = metrics.check_weights(["lpips", "psnr", "ssim"], paths, skip_missing=args.skip_missing, options=options)
+    weights.update(metrics.check_weights(["clip"], paths, skip_missing=True, options=options))
+    if quality_metric not in (None, "auto") and quality_metric not in weights:
+        metrics.check_weights([quality_metric], paths, options=options)  # raises the module's message
+    return weights
+
+
+def _config_from_args(args, weights):
+    from flux2lab import study as st
+    from flux2lab.frozen import calibration_record
+    from flux2lab.presets import coefficients_from_fit
+    from flux2lab.prompts import load_prompts, seeds_for
+    from flux2lab.recipe import Recipe
+
+    if args.prompts is None:
+        raise Flux2LabError("give --prompts FILE: the prompts each trial generates (and the reference is made of).")
+    model = args.model or "tiny"
+    if model == "full-random":
+        raise Flux2LabError("model 'full-random' has no VAE (it returns latents), so quality against the reference "
+                            "cannot be measured; search on the real model (or tiny to try the tool).")
+    entries = load_prompts(args.prompts)
+    seeds = seeds_for(entries, args.seed or 0)
+    base = Recipe.load(args.recipe) if args.recipe else Recipe()
+    overrides = {k: getattr(args, k) for k in ("steps", "height", "width") if getattr(args, k) is not None}
+    base = base.replace(**overrides) if overrides else base
+    calibration = None
+    if args.calibration is not None:
+        coefficients = coefficients_from_fit(args.calibration)
+        calibration = calibration_record(args.calibration, coefficients)
+        base = base.replace(teacache={"coefficients": coefficients})
+    base = base.replace(teacache={"enabled": False})
+    grid = st.read_grid_file(args.grid) if args.grid else None
+    space = st.build_space(base, grid, str(args.grid), flags={
+        "threshold": args.threshold, "ret_steps": args.ret_steps, "cutoff_steps": args.cutoff_steps,
+        "transformer_precision": args.precision})
+    quality = args.quality_metric or "auto"
+    if quality == "auto":
+        quality = "lpips" if "lpips" in weights else "ssim"
+    return st.StudyConfig(
+        model=model, base_recipe=base.to_dict(), space=space.to_dict(), calibration=calibration,
+        prompts=tuple({"id": e.id, "text": e.prompt.text, "images": list(e.prompt.images), "seed": s}
+                      for e, s in zip(entries, seeds)),
+        sampler=args.sampler or "grid", n_trials=args.n_trials, sampler_seed=args.sampler_seed or 0,
+        quality_metric=quality, speed_metric=args.speed_metric or "time",
+    )
+
+
+def _best(study, config) -> str:
+    from flux2lab import study as st
+
+    out = []
+    for t in st.pareto_front(study, config)[:3]:
+        speed = (f"{t.user_attrs['time_per_image']:.2f}s" if config.speed_metric == "time"
+                 else f"{t.user_attrs['skipped_fraction']:.0%}skip")
+        out.append(f"{speed}/{config.quality_metric} {float(t.user_attrs['metrics'][config.quality_metric]):.3g}")
+    return "best: " + " | ".join(out) if out else ""
+
+
+def _summary(study, config, args, storage_url: str, status) -> str:
+    from flux2lab import study as st
+
+    unit = "grid points" if config.sampler == "grid" else "trials"
+    lines = [(f"study {args.study}: {status.done}/{status.total} {unit} done ({status.complete} complete, "
+              f"{len(status.failed)} failed); storage {st.display_url(storage_url)}")]
+    for t in status.failed:
+        lines.append(f"  failed: trial {t.number} {dict(t.params)}: {t.user_attrs['fail_reason']}")
+    if status.failed:
+        lines.append("  (rerun with --retry-failed to try failed points again)")
+    if status.done < status.total:
+        lines.append(f"  {status.total - status.done} {unit} not done: rerun the command to finish the study.")
+    front = st.pareto_front(study, config)
+    if front:
+        speed = "time per image" if config.speed_metric == "time" else "skipped steps"
+        lines += ["", f"Pareto front ({speed} vs {config.quality_metric}, against the uncached reference):",
+                  st.format_table(front, config)]
+        plot = st.plot_pareto(study, config, _study_dir(args) / "pareto.png")
+        lines += ["", f"plot: {plot}",
+                  f"freeze: python -m flux2lab.search --study {args.study}"
+                  + (f" --storage {st.display_url(storage_url)}" if args.storage else "")
+                  + (f" --experiments {args.experiments}" if args.experiments != Path("experiments") else "")
+                  + f" --freeze --{st.BUDGETS[config.quality_metric]}-{config.quality_metric} X"]
+    return "\n".join(lines)
+
+
+def _spawn(args, storage_url: str) -> tuple[list[subprocess.Popen], str | None]:
+    """The other `--workers` processes (this one is the first); with several GPUs each worker gets its own.
+    Returns the processes and the device for this process."""
+    import torch
+
+    from flux2lab import metrics
+
+    on_gpu = args.device in (None, "cuda") and torch.cuda.is_available()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]) if on_gpu else []
+    procs = []
+    for i in range(1, args.workers):
+        cmd = [sys.executable, "-m", "flux2lab.search", "--study", args.study, "--storage", storage_url,
+               "--experiments", str(args.experiments), "--quiet", "--worker-index", str(i),
+               "--keep-pipelines", str(args.keep_pipelines)]
+        env = dict(os.environ)
+        if len(gpus) > 1:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        elif args.device:
+            cmd += ["--device", args.device]
+        if not gpus and "OMP_NUM_THREADS" not in env:  # CPU workers share the cores instead of oversubscribing
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        for name, path in metrics.weight_paths(args).items():
+            cmd += [metrics.METRICS[name].weights.flag, str(path)]
+        if args.skip_missing:
+            cmd.append("--skip-missing")
+        procs.append(subprocess.Popen(cmd, env=env))
+    if not gpus and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    # The first visible GPU is cuda:0 inside this process, whatever CUDA_VISIBLE_DEVICES says.
+    return procs, ("cuda:0" if len(gpus) > 1 else args.device)
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def _freeze(args, storage, storage_url: str) -> int:
+    from flux2lab import study as st
+
+    study, config = st.load_study(args.study, storage)
+    budgets = {k: v for k, v in (("lpips", args.max_lpips), ("psnr", args.min_psnr), ("ssim", args.min_ssim))
+               if v is not None}
+    trial = st.select(study, config, budgets)
+    out = args.out or args.experiments / "frozen" / f"{args.study}.json"
+    if out.exists():
+        raise Flux2LabError(f"{out} exists; frozen configs are not overwritten. Give another --out PATH.")
+    path = st.freeze_trial(study, config, trial, out, storage_url=storage_url, budgets=budgets)
+    print(f"trial {trial.number} {dict(trial.params)} is the fastest within {st.describe_budgets(budgets)}:")
+    print(st.format_table([trial], config))
+    print(f"frozen config: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import optuna
+    from tqdm.auto import tqdm
+
+    from flux2lab import study as st
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.study):
+        raise Flux2LabError(f"--study {args.study!r}: use letters, digits, '.', '_' and '-' (it names a folder).")
+    if args.workers < 1:
+        raise Flux2LabError("--workers must be at least 1.")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by this command, once each
+    storage_url = args.storage or st.default_storage(args.experiments)
+    storage = st.open_storage(storage_url)
+    if args.freeze:
+        return _freeze(args, storage, storage_url)
+
+    defining = any(getattr(args, k) is not None for k in DEFINING)
+    weights = _metric_weights(args, args.quality_metric)
+    config = _config_from_args(args, weights) if defining else None
+    study, config = st.create_or_load(args.study, storage, config)
+    if config.quality_metric not in weights:
+        _metric_weights(args, config.quality_metric)  # the study's objective needs its weights on every worker
+    study.sampler = config.make_sampler(config.sampler_seed + args.worker_index)
+
+    bar = tqdm(total=config.total, desc=f"study {args.study}", unit="pt" if config.sampler == "grid" else "trial",
+               disable=args.quiet)
+    say = (lambda m: None) if args.quiet else bar.write
+    reported: set[int] = set()
+
+    def update(status) -> None:
+        for t in status.failed:
+            if t.number not in reported:
+                reported.add(t.number)
+                say(f"trial {t.number} {dict(t.params)} failed: {t.user_attrs['fail_reason']}")
+        bar.n = status.done
+        bar.set_postfix_str(_best(study, config), refresh=True)
+
+    if args.retry_failed:
+        st.recover(study, config, retry_failed=True, notify=say)
+    procs, device = _spawn(args, storage_url) if args.workers > 1 else ([], args.device)
+    try:
+        runner = st.TrialRunner(study, config, _study_dir(args), device=device, dtype=dtype_of(args.dtype),
+                                weights=weights, keep_pipelines=args.keep_pipelines, progress=not args.quiet)
+        status = st.run_worker(study, config, runner, on_update=update, notify=say)
+        while any(p.poll() is None for p in procs):  # they finish their last trials
+            update(st.status(study, config))
+            time.sleep(st.POLL_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    for i, p in enumerate(procs, start=1):
+        if p.returncode:
+            say(f"worker {i} exited with status {p.returncode} (its messages are above).")
+    status = st.status(study, config)
+    update(status)
+    bar.close()
+    if not args.quiet:
+        print(_summary(study, config, args, storage_url, status))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
