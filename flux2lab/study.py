@@ -20,8 +20,11 @@ Resuming and several workers rest on Optuna's RDB storage plus four rules, all i
   workers' trials run, and stops when every point is done;
 - if two workers still race to one grid point, the trial with the higher number is pruned before any work.
 
-GridSampler assigns grid point k to trial number k (then unvisited points), so trial numbers, which the
-storage hands out atomically, keep workers apart without any coordination of our own.
+GridSampler gives trial number k grid point k, so while trial numbers (handed out atomically by the storage)
+stay below the grid size, workers never meet. Retries use up numbers; past the grid size GridSampler picks
+among points not finished and not running, where two workers can pick the same one (its documented caveat),
+and the last rule settles it. Optuna 5's GridSampler counts a FAILed point as visited and never proposes it
+again, which is why retries are queued explicitly.
 """
 
 from __future__ import annotations
@@ -290,10 +293,10 @@ def display_url(url: str) -> str:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; SQLite set up for several processes. Errors name the URL."""
     is_sqlite = url.startswith("sqlite")
-    # pysqlite starts transactions only at the first write, so Optuna's read-then-write updates (popping a
-    # WAITING trial, numbering a new one) are not atomic across processes. Turning the driver's own BEGIN off
-    # and opening every transaction with BEGIN IMMEDIATE (SQLAlchemy's documented recipe) makes them so;
-    # the timeout lets the other processes wait for the lock instead of failing.
+    # pysqlite starts a transaction only at the first write, so Optuna's read-then-write updates are not atomic
+    # across processes: two workers can both read a queued (WAITING) retry and both set it RUNNING, then run
+    # the same trial. Turning the driver's own BEGIN off and opening every transaction with BEGIN IMMEDIATE
+    # (SQLAlchemy's documented recipe) makes them atomic; the timeout lets the others wait for the lock.
     kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S, "isolation_level": None}} if is_sqlite else {}
     from sqlalchemy.exc import SQLAlchemyError
 
