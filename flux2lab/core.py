@@ -21,8 +21,9 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 
 from flux2lab import teacache
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.errors import Flux2LabError
 from flux2lab.models import model_info
+from flux2lab.quant import TEXT_ENCODER_KEEP, quantize
 from flux2lab.recipe import Recipe
 
 
@@ -94,11 +95,11 @@ def apply(pipe: Flux2Pipeline, recipe: Recipe) -> Flux2Pipeline:
 
 
 def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
-    if recipe.transformer_precision != "bf16" or recipe.text_encoder_precision != "bf16":
-        raise FeatureNotAvailable(
-            f"precision '{recipe.transformer_precision}'/'{recipe.text_encoder_precision}' needs flux2lab.quant, "
-            "which this build does not have yet; use bf16."
-        )
+    # Quantize first: compile and CUDA graphs must see the final (quantized) layers.
+    quantize(pipe.transformer, recipe.transformer_precision, backend=recipe.quant_backend)
+    if pipe.text_encoder is not None:
+        quantize(pipe.text_encoder, recipe.text_encoder_precision, backend=recipe.quant_backend,
+                 keep=TEXT_ENCODER_KEEP)
     if recipe.ulysses_degree > 1:
         from flux2lab import parallel
 

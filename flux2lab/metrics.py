@@ -729,3 +729,9 @@ register_metric(
     needs_prompts=True,
 )
 
+
+# ------------------------------------------------- the mini world's yardstick (flux2lab.zoo, issue 10)
+# Attribute accuracy against the prompts and domain FID, from the classifier that ships with `mini`.
+from flux2lab.zoo.yardstick import register as _register_yardstick
+
+_register_yardstick()
