@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from flux2lab import __version__, dist_version
 from flux2lab.core import applied_recipe, apply, generate
 from flux2lab.errors import FeatureNotAvailable, Flux2LabError
 from flux2lab.models import (
@@ -165,7 +166,7 @@ def traced_skips(fit_path: Path, trace_path: Path, steps: int, recipe: Recipe) -
         traces.setdefault((row["prompt_id"], row["seed"]), {})[int(row["step"])] = float(row["x"])
     config = TeaCacheConfig.from_recipe(recipe.replace(teacache={"coefficients": coefficients}))
     plans = []
-    for (prompt, seed), by_step in sorted(traces.items()):
+    for (prompt, _seed), by_step in sorted(traces.items()):
         if sorted(by_step) != list(range(1, steps)):
             raise Flux2LabError(
                 f"--teacache-schedule: {trace_path} holds steps {min(by_step)}..{max(by_step)} for prompt "
@@ -946,15 +947,6 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --- environment ---------------------------------------------------------------------------------------------
 
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def _run_quiet(cmd: list[str], cwd: Path | None = None) -> str | None:
     try:
         out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=20, cwd=cwd)
@@ -968,8 +960,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     repo = Path(__file__).resolve().parent.parent
     env: dict[str, Any] = {
         "cuda": device.type == "cuda", "device": str(device), "device_name": platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda_runtime": torch.version.cuda, "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"), "torchao": _version("torchao"), "flux2lab": _version("flux2lab"),
+        "torch": torch.__version__, "cuda_runtime": torch.version.cuda, "diffusers": dist_version("diffusers"),
+        "transformers": dist_version("transformers"), "torchao": dist_version("torchao"), "flux2lab": __version__,
         "python": platform.python_version(), "platform": platform.platform(),
         "git_commit": _run_quiet(["git", "rev-parse", "HEAD"], cwd=repo),
         "git_dirty": bool(_run_quiet(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)),

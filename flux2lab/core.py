@@ -181,16 +181,16 @@ def generate(
     for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="images", disable=not progress, unit="img"):
         step_ends: list[float] = []
 
-        def on_step_end(_pipe, _i, _t, kwargs):
+        def on_step_end(_pipe, _i, _t, kwargs, step_ends=step_ends):
             if time_steps:
                 _sync(device)
                 step_ends.append(time.perf_counter())
             return kwargs
 
-        call: dict[str, Any] = dict(
-            height=height, width=width, num_inference_steps=recipe.steps, guidance_scale=recipe.guidance,
-            generator=torch.Generator(device="cpu").manual_seed(seed), callback_on_step_end=on_step_end,
-        )
+        call: dict[str, Any] = {
+            "height": height, "width": width, "num_inference_steps": recipe.steps, "guidance_scale": recipe.guidance,
+            "generator": torch.Generator(device="cpu").manual_seed(seed), "callback_on_step_end": on_step_end,
+        }
         if info.synthetic_text:
             call.update(prompt_embeds=synthetic_prompt_embeds(pipe, prompt.text), output_type="latent")
         else:

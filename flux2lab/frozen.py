@@ -25,6 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from flux2lab import __version__
 from flux2lab.errors import Flux2LabError
 from flux2lab.models import ModelInfo
 from flux2lab.recipe import Recipe
@@ -38,15 +39,6 @@ REFREEZE_HINT = ("python -m flux2lab.frozen {src} --out NEW.json (re-freezes its
 
 class FrozenConfigError(Flux2LabError):
     """A frozen config file is missing, malformed, tampered with, or from an unknown schema."""
-
-
-def flux2lab_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("flux2lab")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def canonical_json(data: Any) -> str:
@@ -173,7 +165,7 @@ def _provenance(recipe: Recipe, given: Mapping[str, Any] | None, created: str | 
     if "refrozen_from" in given:
         out["refrozen_from"] = given["refrozen_from"]
     out["created"] = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    out["flux2lab_version"] = flux2lab_version()
+    out["flux2lab_version"] = __version__
     try:
         canonical_json(out)
     except (TypeError, ValueError) as e:
@@ -224,7 +216,7 @@ def load_frozen(path: str | Path) -> FrozenConfig:
         writer = (data.get("provenance") or {}).get("flux2lab_version", "a newer version")
         raise FrozenConfigError(
             f"{path} was written by a newer flux2lab ({writer}, schema_version {version}); this flux2lab "
-            f"({flux2lab_version()}) reads schema_version {SCHEMA_VERSION}. Upgrade flux2lab, or re-freeze the "
+            f"({__version__}) reads schema_version {SCHEMA_VERSION}. Upgrade flux2lab, or re-freeze the "
             f"recipe with this one: {hint}."
         )
     if version != SCHEMA_VERSION:

@@ -732,6 +732,6 @@ register_metric(
 
 # ------------------------------------------------- the mini world's yardstick (flux2lab.zoo, issue 10)
 # Attribute accuracy against the prompts and domain FID, from the classifier that ships with `mini`.
-from flux2lab.zoo.yardstick import register as _register_yardstick
+from flux2lab.zoo.yardstick import register as _register_yardstick  # noqa: E402 (needs the registry above)
 
 _register_yardstick()

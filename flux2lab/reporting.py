@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flux2lab import dist_version
 from flux2lab.errors import Flux2LabError
 
 # ---------------------------------------------------------------------------------------------- document
@@ -702,13 +703,8 @@ def versions() -> dict[str, str | None]:
     keys = ("flux2lab", "diffusers", "torch", "transformers", "torchao", "python", "platform", "git_commit",
             "git_dirty")
     out = {k: env.get(k) for k in keys}
-    from importlib.metadata import PackageNotFoundError, version
-
     for dist in ("optuna", "torchmetrics", "open_clip_torch"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
+        out[dist] = dist_version(dist)
     return out
 
 

@@ -137,7 +137,9 @@ def read_grid_file(path: str | Path) -> dict[str, list]:
     try:
         data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise Flux2LabError(f"grid file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e}).")
+        raise Flux2LabError(
+            f"grid file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})."
+        ) from None
     if not isinstance(data, dict):
         raise Flux2LabError(f"grid file {path}: expected a mapping like {{threshold: [0.05, 0.1], ret_steps: [0, 5]}}.")
     return data

@@ -230,7 +230,9 @@ def render(
     px = NATIVE / size  # one output pixel in NATIVE units
     coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * px
     y, x = coords.view(1, size, 1), coords.view(1, 1, size)
-    col = lambda v: v.float().view(n, 1, 1)
+
+    def col(v):
+        return v.float().view(n, 1, 1)
 
     # Background: a grey, with stripes or dots in a lighter grey.
     base, contrast = col(p["base"]), col(p["contrast"])
