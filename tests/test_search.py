@@ -24,15 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = ["--threshold", "0.05,0.2,0.5", "--ret-steps", "0,1"]  # 3 x 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run many times faster on one thread than on two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
