@@ -17,10 +17,15 @@ and a block's input that is the previous block's graph output is used in place, 
 makes no copies of the hidden states. Outputs live in graph memory and stay valid until the same block replays,
 which is all the transformer's forward needs; anything kept across steps (TeaCache's residual) is computed
 from them, not aliased.
+
+Teardown: under Ulysses the graphs capture NCCL all-to-alls, and NCCL will not destroy a communicator while a
+graph holding one of its kernels is alive (see `parallel.shutdown`). `release_all` destroys every graph this
+process captured; `parallel.shutdown` calls it before destroying the process group.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +71,11 @@ class _CudaGraph:
     def replay(graph) -> None:
         graph.replay()
 
+    def release(self, graphs: list) -> None:
+        torch.cuda.synchronize(self.device)  # no replay in flight when the graphs and their pool go
+        for graph in graphs:
+            graph.reset()
+
 
 class _Rerun:
     """Stand-in for tests on CPU: "replay" re-runs the function on the static inputs and writes the results
@@ -86,6 +96,10 @@ class _Rerun:
             if isinstance(old, torch.Tensor):
                 old.copy_(new)
 
+    @staticmethod
+    def release(graphs: list) -> None:
+        pass  # nothing outside Python references to let go of
+
 
 class GraphSet:
     """The captured graphs of one transformer: one backend, one memory pool, the outputs that chain."""
@@ -94,7 +108,23 @@ class GraphSet:
         self.backend = backend
         self.captures = 0
         self.replays = 0
+        self.hooks: list[BlockGraphHook] = []
         self._outputs: dict[tuple, torch.Tensor] = {}  # graph outputs, by (address, shape, strides)
+        _LIVE.add(self)
+
+    @property
+    def held(self) -> int:
+        """Graphs captured and not released."""
+        return sum(len(hook.by_key) for hook in self.hooks)
+
+    def release(self) -> int:
+        """Destroy every captured graph (blocks capture again at their next use); returns how many."""
+        graphs = [c.graph for hook in self.hooks for c in hook.by_key.values()]
+        self.backend.release(graphs)
+        for hook in self.hooks:
+            hook.by_key.clear()
+        self._outputs.clear()
+        return len(graphs)
 
     @staticmethod
     def _where(t: torch.Tensor) -> tuple:
@@ -122,7 +152,7 @@ class BlockGraphHook(ModelHook):
         self.graphs = graphs
         self.compile = compile
         self._fn = None
-        self._by_key: dict[tuple, _Captured] = {}
+        self.by_key: dict[tuple, _Captured] = {}
 
     def _function(self):
         if self._fn is None:
@@ -149,10 +179,10 @@ class BlockGraphHook(ModelHook):
         key = self._key(leaves, spec)
         if key is None or torch.is_grad_enabled():  # an object argument, or training: not a graph's job
             return self.fn_ref.original_forward(*args, **kwargs)
-        captured = self._by_key.get(key)
+        captured = self.by_key.get(key)
         if captured is None:
             captured = self._capture(leaves, spec)
-            self._by_key[key] = captured
+            self.by_key[key] = captured
         else:
             tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
             for new, static in zip(tensors, captured.static_inputs):
@@ -203,10 +233,23 @@ def enable(transformer: torch.nn.Module, compile: bool = False, *, _rerun_on_cpu
                 f"cuda_graphs must be enabled before other hooks ({', '.join(registry.hooks)}) are put on the "
                 "transformer blocks; apply the recipe to a freshly loaded pipeline."
             )
-        registry.register_hook(BlockGraphHook(graphs, compile), HOOK_NAME)
+        hook = BlockGraphHook(graphs, compile)
+        registry.register_hook(hook, HOOK_NAME)
+        graphs.hooks.append(hook)
     transformer.flux2lab_graphs = graphs
     return graphs
 
 
 def graphs_of(transformer: torch.nn.Module) -> GraphSet | None:
     return getattr(transformer, "flux2lab_graphs", None)
+
+
+# Every GraphSet of this process, weakly: the pipeline that holds one may outlive its last user (hook reference
+# cycles, an exception's traceback), so teardown cannot rely on it having been collected.
+_LIVE: weakref.WeakSet[GraphSet] = weakref.WeakSet()
+
+
+def release_all() -> int:
+    """Destroy every CUDA graph this process captured; returns how many. Run it before NCCL communicators are
+    destroyed (`parallel.shutdown` does)."""
+    return sum(graphs.release() for graphs in list(_LIVE))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flux2lab import cudagraphs
 from flux2lab.errors import FeatureNotAvailable, Flux2LabError
 from flux2lab.models import default_device
 
@@ -27,6 +30,8 @@ from flux2lab.models import default_device
 # legitimate gap between two collectives on different ranks (one rank loading weights or compiling slower than
 # the rest), so it is minutes, not seconds; tests use a few seconds.
 DEFAULT_TIMEOUT_S = 300.0
+# Exit status of a rank whose process-group teardown did not finish within the timeout (see `shutdown`).
+TEARDOWN_HUNG_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -89,9 +94,35 @@ def init(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dis
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
+def shutdown(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Release every captured CUDA graph, then destroy the process group; a rank that cannot finish this within
+    `timeout_s` prints why and exits with TEARDOWN_HUNG_EXIT instead of hanging.
+
+    The order is the fix for a hang at exit after multi-GPU runs with CUDA graphs: NCCL (2.26 and later) will not
+    destroy a communicator while a CUDA graph that captured one of its kernels is alive -- `commDestroySync`
+    polls `while (comm->localPersistentRefs != 0)` until those graphs are destroyed, i.e. forever if they are
+    not. Our block graphs capture diffusers' Ulysses all-to-alls, and the pipeline holding them outlives the run
+    (hook reference cycles, or an exception's traceback), so they must be released explicitly, first. NCCL's
+    own watchdog times out collectives, not teardown, hence the timer here; it also covers `release_all`, whose
+    synchronize would wait forever on a replayed all-to-all whose peer died.
+    """
+    if not dist.is_initialized():
+        return
+    timer = threading.Timer(timeout_s, _teardown_hung, args=(dist.get_rank(), timeout_s))
+    timer.daemon = True
+    timer.start()
+    try:
+        cudagraphs.release_all()
         dist.destroy_process_group()
+    finally:
+        timer.cancel()
+
+
+def _teardown_hung(rank: int, timeout_s: float) -> None:
+    print(f"error: rank {rank}: tearing down the process group did not finish within {timeout_s:g} s (is a CUDA "
+          "graph that captured NCCL collectives still alive?); exiting without it. Results written before this "
+          "point are complete.", file=sys.stderr, flush=True)
+    os._exit(TEARDOWN_HUNG_EXIT)
 
 
 def world_size() -> int:

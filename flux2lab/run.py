@@ -10,7 +10,9 @@ decides from distances reduced over all ranks, and the runner checks after each 
 the same steps. Rank 0 writes the images, `records.jsonl` (one JSON per image: config hash, seed, timings,
 skipped steps) and `summary.json`. Images already in `--out` for the same config are skipped, so an
 interrupted run picks up where it stopped. A rank that dies or hangs fails the job within the process-group
-timeout (`--pg-timeout`); torchrun then stops the others and exits non-zero.
+timeout (`--pg-timeout`); torchrun then stops the others and exits non-zero. At the end, CUDA graphs are released
+before the process group is destroyed (NCCL waits for them otherwise), and a teardown that still does not finish
+within the timeout exits with status 3 (`parallel.TEARDOWN_HUNG_EXIT`) after the results are written.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, env)
     finally:
-        parallel.shutdown()
+        parallel.shutdown(args.pg_timeout)
 
 
 def _run(args: argparse.Namespace, env: Any) -> int:

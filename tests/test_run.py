@@ -1,5 +1,6 @@
 """The runner: one process or two (Ulysses under torchrun, gloo on CPU) give the same images and the same
-TeaCache decisions; CUDA-graph plumbing composes with TeaCache; bad configs and dead ranks end the job."""
+TeaCache decisions; CUDA-graph plumbing composes with TeaCache; bad configs, dead ranks and a stuck teardown end
+the job; captured graphs are released before the process group is destroyed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from flux2lab import cudagraphs, parallel, run, teacache
@@ -50,9 +53,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, args: list[str], **popen) -> subprocess.Popen:
+def _torchrun(nproc: int, args: list[str], device: str = "cpu", **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "flux2lab.run", "--device", "cpu", *args]
+           f"--master-port={_free_port()}", "-m", "flux2lab.run", "--device", device, *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
@@ -207,6 +210,49 @@ def test_cuda_graph_plumbing_composes_with_teacache_and_recaptures_per_resolutio
     assert graphs.replays == computed * blocks
 
 
+def test_shutdown_releases_captured_graphs_before_destroying_the_process_group(monkeypatch):
+    """NCCL's communicator destroy waits until every CUDA graph that captured its kernels is gone, so graphs
+    still alive at `destroy_process_group` hang the job at exit. The CPU stand-in's graphs go through the same
+    release path; a one-process gloo group stands in for NCCL."""
+    pipe = load_pipeline("tiny", device="cpu")
+    graphs = cudagraphs.enable(pipe.transformer, _rerun_on_cpu=True)
+    generate(pipe, PROMPTS[:1], 0, Recipe(steps=2))
+    blocks = len(cudagraphs.repeated_blocks(pipe.transformer))
+    assert graphs.held == graphs.captures == blocks
+
+    released, held_at_destroy = [], []
+    real_release, real_destroy = graphs.backend.release, dist.destroy_process_group
+    monkeypatch.setattr(graphs.backend, "release", lambda gs: (released.extend(gs), real_release(gs)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (held_at_destroy.append(graphs.held), real_destroy()))
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        parallel.shutdown(timeout_s=60)
+    finally:
+        if dist.is_initialized():
+            real_destroy()
+    assert not dist.is_initialized()
+    assert len(released) == blocks and held_at_destroy == [0]  # every graph went, and before the group did
+
+    generate(pipe, PROMPTS[:1], 0, Recipe(steps=2))  # released graphs are captured again at their next use
+    assert graphs.held == blocks and graphs.captures == 2 * blocks
+
+
+def test_a_teardown_that_hangs_exits_nonzero_with_a_message_within_the_timeout():
+    script = textwrap.dedent("""
+        import threading
+        import torch.distributed as dist
+        from flux2lab import parallel
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+        dist.destroy_process_group = lambda: threading.Event().wait()  # a communicator that never lets go
+        parallel.shutdown(timeout_s=2)
+        print("shutdown returned")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == parallel.TEARDOWN_HUNG_EXIT, proc.stderr[-3000:]
+    assert "did not finish within 2 s" in proc.stderr and "shutdown returned" not in proc.stdout
+
+
 def test_cuda_graphs_on_cpu_and_ulysses_without_torchrun_say_what_to_do():
     pipe = load_pipeline("tiny", device="cpu")
     with pytest.raises(FeatureNotAvailable, match="needs a CUDA GPU"):
@@ -243,3 +289,20 @@ def test_real_cuda_graphs_match_eager_with_teacache(compile):
             diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
             assert diff <= (2 if compile else 1)
     assert graphs.captures == 2 * len(cudagraphs.repeated_blocks(graphed.transformer))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_graphs_over_nccl_exit_cleanly(tmp_path):
+    """The graphs capture Ulysses' NCCL all-to-alls; the job must still end by itself (it hung at exit once)."""
+    recipe = Recipe(steps=STEPS, cuda_graphs=True).replace(
+        teacache={"enabled": True, "coefficients": LINEAR, "threshold": 0.15, "ret_steps": RET_STEPS})
+    config, prompts, out = _config(tmp_path, recipe), _prompts(tmp_path), tmp_path / "out"
+    start = time.monotonic()
+    proc = _torchrun(2, ["--config", str(config), "--prompts", str(prompts), "--out", str(out), "--warmup", "1",
+                         "--pg-timeout", "60"], device="cuda")
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log[-4000:]
+    summary = json.loads((out / run.SUMMARY).read_text())
+    assert summary["images_made"] == 2 and summary["cuda_graph_captures"] > 0
+    assert time.monotonic() - start < 200
