@@ -329,8 +329,10 @@ def test_evaluate_end_to_end(inception_file, alexnet_file, clip_file, empty_cach
 def test_gpu_gives_the_cpu_numbers(inception_file, alexnet_file, clip_file):
     a, b = images(6, seed=0), images(6, seed=1)
     prompts = [f"prompt {i}" for i in range(6)]
-    for fn in (metrics.psnr, metrics.ssim):
-        np.testing.assert_allclose(fn(a, b, device="cuda"), fn(a, b, device="cpu"), rtol=1e-4)
+    np.testing.assert_allclose(metrics.psnr(a, b, device="cuda"), metrics.psnr(a, b, device="cpu"), rtol=1e-4)
+    # SSIM of unrelated random images is near 0, where a relative bound means nothing: the H200 run gave
+    # differences of up to 5e-7 (GPU vs CPU convolution order), so the bound is absolute.
+    np.testing.assert_allclose(metrics.ssim(a, b, device="cuda"), metrics.ssim(a, b, device="cpu"), atol=1e-5)
     np.testing.assert_allclose(
         metrics.lpips(a, b, alexnet_file, device="cuda"),
         metrics.lpips(a, b, alexnet_file, device="cpu"),
