@@ -40,10 +40,15 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     sys.exit(code or 0)
 
 
+# The trained built-in model: CPU-fast like tiny, but its quality numbers mean something (tiny's weights are random).
+DEFAULT_MODEL = "mini"
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny",
-                        help="tiny | full-random | a hub id such as black-forest-labs/FLUX.2-dev | a local "
-                             "diffusers folder (default: tiny)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="mini (small FLUX.2 trained on a synthetic world; prompts are its captions) | tiny "
+                             "(random weights) | full-random | a hub id such as black-forest-labs/FLUX.2-dev | a "
+                             f"local diffusers folder (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="model dtype (default: bf16 on GPU, fp32 on CPU)")

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, dtype_of, run_main
+from flux2lab.cli import DEFAULT_MODEL, add_model_args, dtype_of, run_main
 from flux2lab.errors import Flux2LabError
 
 # Options that define a study (stored in it). Given on a rerun, they must match; left out, the stored ones hold.
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("study definition (stored in the study: give them to create it; on a rerun give the "
                              "same ones, or none to resume it as stored)")
     add_model_args(d)
-    p.set_defaults(model=None)  # None: not given (a new study uses tiny)
+    p.set_defaults(model=None)  # None: not given (a new study uses DEFAULT_MODEL)
     d.add_argument("--prompts", type=Path, help="prompt file (.jsonl manifest or one prompt a line); required for a "
                                                 "new study")
     d.add_argument("--seed", type=int, help="seed of the first prompt without its own seed; the next get +1 (default 0)")
@@ -122,7 +122,7 @@ def _config_from_args(args, weights):
 
     if args.prompts is None:
         raise Flux2LabError("give --prompts FILE: the prompts each trial generates (and the reference is made of).")
-    model = args.model or "tiny"
+    model = args.model or DEFAULT_MODEL
     if model == "full-random":
         raise Flux2LabError("model 'full-random' has no VAE (it returns latents), so quality against the reference "
                             "cannot be measured; search on the real model (or tiny to try the tool).")

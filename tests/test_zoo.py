@@ -20,6 +20,8 @@ from flux2lab.recipe import Recipe
 from flux2lab.zoo import mini, store, world, yardstick
 from flux2lab.zoo.evaluate import evaluate, heldout_prompts, real_images
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the models' matmuls are small: 2 shared threads are slower
+
 TRAINED = all(store.path_of(n).is_file() for n in store.FILES)
 needs_weights = pytest.mark.skipif(
     not TRAINED,
@@ -248,15 +250,23 @@ def test_yardstick_reads_real_images():
 
 @needs_weights
 def test_mini_follows_prompts_and_looks_like_the_world(mini_pipe, no_network):
+    """Domain FID of 16 images is far above its n=200 value (a 128-d covariance from 16 images), for real
+    images too, so both models are judged against the floor: real images at the same n. Measured on 200
+    images of each model at 50 steps, over 200 random subsets of 16: mini's excess over the floor is a median
+    0.05 (95th percentile 0.23, worst 0.42) of tiny's, tiny sits at least 2.7x the floor; at n=200 the
+    excess ratio is 0.09 (mini 1493, tiny 13414, floor 362)."""
     model = yardstick.load()
     real = real_images(300)
-    ev = evaluate(mini_pipe, Recipe(steps=50), n=12, real=real, model=model)
-    assert ev.accuracy >= 0.75, f"mini's attribute accuracy on held-out captions: {ev.accuracy:.3f}"
+    ev = evaluate(mini_pipe, Recipe(steps=50), n=16, real=real, model=model, floor_draws=20)
+    assert ev.accuracy >= 0.9, f"mini's attribute accuracy on held-out captions: {ev.accuracy:.3f}"
     from flux2lab.models import load_pipeline
 
-    tiny = evaluate(load_pipeline("tiny", device="cpu"), Recipe(steps=50), n=12, real=real, model=model)
-    assert ev.domain_fid * 3 < tiny.domain_fid, (ev.domain_fid, tiny.domain_fid)
-    assert tiny.accuracy < ev.accuracy - 0.3
+    tiny = evaluate(load_pipeline("tiny", device="cpu"), Recipe(steps=50), n=16, real=real, model=model,
+                    floor_draws=0)
+    floor = ev.domain_fid_floor
+    assert tiny.domain_fid > 2 * floor, (tiny.domain_fid, floor)
+    assert ev.domain_fid - floor < 0.5 * (tiny.domain_fid - floor), (ev.domain_fid, tiny.domain_fid, floor)
+    assert tiny.accuracy < ev.accuracy - 0.5
 
 
 def _distance(reference, candidates) -> float:

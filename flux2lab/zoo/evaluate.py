@@ -2,10 +2,15 @@
 
 `evaluate(pipe, recipe)` generates one image per held-out caption (seeds 0..n-1 unless told) and reads them
 with the yardstick; `compare(baseline, candidate)` puts two runs on the same prompts and seeds side by side
-(accuracy drop, LPIPS, PSNR, domain FID between the sets, steps skipped). The command does the same:
+(accuracy drop with its CI, LPIPS, PSNR, SSIM, domain FID between the sets, steps skipped). The command does
+the same (recipes are JSON files or presets, as in `python -m flux2lab.compare`):
 
     python -m flux2lab.zoo.evaluate --model mini --n 200                       # mini at 50 steps
-    python -m flux2lab.zoo.evaluate --model mini --recipe cand.json --baseline base.json --out cmp.json
+    python -m flux2lab.zoo.evaluate --model mini --baseline bf16 --recipe nvfp4 --out cmp.json
+
+Domain FID is biased upward at small n (a 128-d feature covariance estimated from few images), so each
+evaluation also reports the *floor*: the domain FID of n real images against the same reference, what a
+perfect model would score at this n. Read a model's domain FID next to it, never against numbers at another n.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ import torch
 from diffusers import Flux2Pipeline
 
 from flux2lab.cli import add_model_args, dtype_of, run_main
-from flux2lab.core import Generation, ImageRecord, applied_recipe, apply, generate
+from flux2lab.core import Generation, ImageRecord, Prompt, applied_recipe, apply, generate
 from flux2lab.errors import Flux2LabError
 from flux2lab.models import model_info
+from flux2lab.presets import PRESET_HELP, resolve_recipe
 from flux2lab.recipe import Recipe
 from flux2lab.zoo import world, yardstick
 
 REAL_SEED = 10_000  # real images come from seeds no evaluation prompt uses
+FLOOR_SEED = 20_000  # the floor's real draws: seeds FLOOR_SEED, FLOOR_SEED + 1, ...
+FLOOR_DRAWS = 10
 
 
 @dataclass
@@ -41,6 +49,7 @@ class Evaluation:
     images: list[Any] = field(repr=False)
     per_image_accuracy: np.ndarray = field(repr=False)
     domain_fid: float
+    domain_fid_floor: float | None = None  # real images at the same n (see the module docstring)
     generation: Generation | None = field(default=None, repr=False)
 
     @property
@@ -53,6 +62,7 @@ class Evaluation:
             "n": len(self.prompts),
             "attribute_accuracy": self.accuracy,
             "domain_fid": self.domain_fid,
+            "domain_fid_floor": self.domain_fid_floor,
             "skipped_fraction": g.skipped_fraction if g else None,
             "mean_wall_s": float(np.mean([r.wall_s for r in g.records])) if g else None,
         }
@@ -67,13 +77,35 @@ def real_images(n: int, seed: int = REAL_SEED) -> torch.Tensor:
     return world.render(world.sample_scenes(n, seed, split="all"), seed)
 
 
+def real_floor(
+    model: yardstick.Yardstick, real: torch.Tensor, n: int, draws: int = FLOOR_DRAWS, seed: int = FLOOR_SEED
+) -> float:
+    """Mean domain FID of `draws` sets of n fresh real images against `real`: the score of a perfect model
+    at this n (~360 at n=200, ~4400 at n=16 against 300-500 real images, with the shipped yardstick)."""
+    ref = yardstick.features(model, real)
+    fresh = yardstick.features(model, real_images(n * draws, seed))
+    return float(np.mean([yardstick.frechet_distance(ref, fresh[k * n : (k + 1) * n]) for k in range(draws)]))
+
+
 def sample(
-    pipe: Flux2Pipeline, prompts: Sequence[str], seeds: Sequence[int], recipe: Recipe, batch_size: int = 1
+    pipe: Flux2Pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    recipe: Recipe,
+    batch_size: int = 1,
+    cache: str | Path | None = None,
 ) -> Generation:
-    """`core.generate`, or, with batch_size > 1, the same pipeline call on batches (faster on a GPU; images
-    match one-by-one generation up to float rounding). TeaCache decides per batch: it needs batch_size 1."""
+    """`core.generate` (through the image cache `flux2lab.compare` uses, when given one: a baseline is made
+    once for every candidate), or, with batch_size > 1, the same pipeline call on batches (faster on a GPU;
+    images match one-by-one generation up to float rounding). TeaCache decides per batch: it needs batch_size 1."""
+    if batch_size <= 1 and cache is not None:
+        from flux2lab.imagecache import ImageCache, generate_cached
+
+        return generate_cached(pipe, [Prompt(p) for p in prompts], list(seeds), recipe, ImageCache(cache))[0]
     if batch_size <= 1:
         return generate(pipe, list(prompts), list(seeds), recipe)
+    if cache is not None:
+        raise Flux2LabError("the image cache holds one-by-one images: use batch_size 1 with a cache.")
     if recipe.teacache.enabled:
         raise Flux2LabError("TeaCache skips steps per batch, not per image: evaluate it with batch_size 1.")
     if applied_recipe(pipe) != recipe:
@@ -109,13 +141,16 @@ def evaluate(
     batch_size: int = 1,
     real: torch.Tensor | None = None,
     model: yardstick.Yardstick | None = None,
+    floor_draws: int = FLOOR_DRAWS,
+    cache: str | Path | None = None,
 ) -> Evaluation:
-    """Generate for n held-out captions (seeds seed..seed+n-1) and score them with the yardstick."""
+    """Generate for n held-out captions (seeds seed..seed+n-1) and score them with the yardstick; the real
+    floor of domain FID at this n from `floor_draws` sets of real images (0: not computed)."""
     recipe = recipe or Recipe()
     model = model or yardstick.load()
     prompts = heldout_prompts(n, seed)
     seeds = list(range(seed, seed + n))
-    gen = sample(pipe, prompts, seeds, recipe, batch_size)
+    gen = sample(pipe, prompts, seeds, recipe, batch_size, cache)
     real = real if real is not None else real_images(max(n, 500))
     return Evaluation(
         prompts=prompts,
@@ -123,6 +158,7 @@ def evaluate(
         images=gen.images,
         per_image_accuracy=yardstick.attribute_accuracy(model, gen.images, prompts),
         domain_fid=yardstick.domain_fid(model, real, gen.images),
+        domain_fid_floor=real_floor(model, real, n, floor_draws) if floor_draws else None,
         generation=gen,
     )
 
@@ -140,14 +176,21 @@ def compare(
     if (baseline.prompts, baseline.seeds) != (candidate.prompts, candidate.seeds):
         raise Flux2LabError("compare needs two evaluations of the same prompts and seeds.")
     model = model or yardstick.load()
+    drop = metrics.bootstrap_ci(baseline.per_image_accuracy - candidate.per_image_accuracy)  # paired per image
+    psnr = metrics.bootstrap_ci(metrics.psnr(baseline.images, candidate.images, device="cpu"))
     out = {
+        "n": len(baseline.prompts),
         "accuracy_baseline": baseline.accuracy,
         "accuracy_candidate": candidate.accuracy,
-        "accuracy_drop": baseline.accuracy - candidate.accuracy,
+        "accuracy_drop": drop.mean,
+        "accuracy_drop_ci95": [drop.low, drop.high],
         "domain_fid_baseline": baseline.domain_fid,
         "domain_fid_candidate": candidate.domain_fid,
+        "domain_fid_floor": baseline.domain_fid_floor,
         "domain_fid_between": yardstick.domain_fid(model, baseline.images, candidate.images),
-        "psnr": float(np.mean(metrics.psnr(baseline.images, candidate.images, device="cpu"))),
+        "psnr": psnr.mean,  # over the pairs that differ; identical pairs (infinite PSNR) are counted apart
+        "identical_images": psnr.n_inf,
+        "ssim": float(np.mean(metrics.ssim(baseline.images, candidate.images, device="cpu"))),
         "skipped_fraction": candidate.generation.skipped_fraction if candidate.generation else None,
     }
     if lpips_weights is not None:
@@ -165,11 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with --baseline, what a recipe costs against another on the same prompts and seeds.",
     )
     add_model_args(p)
-    p.set_defaults(model="mini")
-    p.add_argument("--recipe", type=Path, help="recipe JSON to evaluate (default: plain BF16, 50 steps)")
-    p.add_argument(
-        "--baseline", type=Path, help="recipe JSON to compare against (same model, prompts, seeds)"
-    )
+    p.add_argument("--recipe", help=f"recipe to evaluate (default: plain BF16, 50 steps): {PRESET_HELP}")
+    p.add_argument("--baseline", help="recipe to compare against (same model, prompts, seeds), as --recipe")
     p.add_argument("--steps", type=int, help="denoising steps (overrides both recipes)")
     p.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
     p.add_argument("--seed", type=int, default=0, help="first caption/seed index (default 0)")
@@ -178,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="images per pipeline call; >1 is faster on a GPU, not allowed with TeaCache (default 1)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="image cache folder (e.g. experiments/image_cache, shared with flux2lab.compare): images already "
+        "made for the same model, recipe, prompt and seed are read back (default: no cache)",
     )
     p.add_argument("--yardstick-weights", type=Path, help="yardstick weights (default: the shipped ones)")
     p.add_argument("--lpips-weights", type=Path, help="LPIPS AlexNet checkpoint (for --baseline; optional)")
@@ -192,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 2:
         raise Flux2LabError("--n must be at least 2 (domain FID needs two images).")
 
-    def recipe_of(path: Path | None) -> Recipe:
-        r = Recipe.load(path) if path else Recipe()
+    def recipe_of(spec: str | None) -> Recipe:
+        r = resolve_recipe(spec) if spec else Recipe()
         return r.replace(steps=args.steps) if args.steps else r
 
     model = yardstick.load(args.yardstick_weights)
@@ -206,11 +252,19 @@ def main(argv: list[str] | None = None) -> int:
         # A fresh pipeline per recipe: model-changing fields (precision) cannot be undone in place.
         pipe = load_pipeline(args.model, device=args.device, dtype=dtype_of(args.dtype))
         evals[name] = evaluate(
-            pipe, recipe, n=args.n, seed=args.seed, batch_size=args.batch_size, real=real, model=model
+            pipe,
+            recipe,
+            n=args.n,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            real=real,
+            model=model,
+            cache=args.cache,
         )
         results[name] = {"recipe": recipe.to_dict(), **evals[name].to_dict()}
         print(
-            f"{name}: attribute accuracy {evals[name].accuracy:.3f}, domain FID {evals[name].domain_fid:.2f}"
+            f"{name}: attribute accuracy {evals[name].accuracy:.3f}, domain FID {evals[name].domain_fid:.2f} "
+            f"(real images at n={args.n}: {evals[name].domain_fid_floor:.2f})"
         )
     if args.baseline:
         results["comparison"] = compare(
