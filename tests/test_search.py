@@ -38,7 +38,8 @@ def inputs(tmp_path):
 
 def cli(tmp: Path, name: str, *extra: str, grid=GRID) -> list[str]:
     prompts, fit = tmp / "prompts.txt", tmp / "fit.json"
-    return ["--study", name, "--experiments", str(tmp / "exp"), "--prompts", str(prompts), "--calibration", str(fit),
+    return ["--study", name, "--model", "tiny", "--experiments", str(tmp / "exp"), "--prompts", str(prompts),
+            "--calibration", str(fit),
             "--steps", "6", "--height", "32", "--width", "32", "--skip-missing", *grid, *extra]
 
 
