@@ -2,7 +2,8 @@
 
 Comparisons and searches measure many candidates against the same uncached BF16 reference. On the real
 model that reference costs minutes per image, so it is generated once and read back afterwards. The key
-covers everything that changes the pixels: the model's identity, the recipe's output-relevant fields,
+covers everything that changes the pixels: the model's identity, the dtype and device type it runs in
+(bf16 and float32, or CPU and CUDA kernels, give different images), the recipe's output-relevant fields,
 the prompt (with reference images, by content) and the seed. Speed-only fields (compile, CUDA graphs,
 parallel degree) are left out: they change how fast an image is made, not which image.
 """
@@ -41,8 +42,10 @@ def image_key(model_id: str, recipe: Recipe, prompt: Prompt, seed: int) -> str:
 
 
 def model_id(pipe: Flux2Pipeline) -> str:
+    """The model's identity and the numerics it runs with, e.g. `tiny/torch.float32/cpu`."""
     info = model_info(pipe)
-    return f"{info.source}@{info.revision}" if info.revision else info.source
+    name = f"{info.source}@{info.revision}" if info.revision else info.source
+    return f"{name}/{pipe.transformer.dtype}/{pipe.transformer.device.type}"
 
 
 class ImageCache:

@@ -41,6 +41,11 @@ def test_bf16_vs_nvfp4_on_tiny(tmp_path, capsys):
     assert same["metrics"]["psnr"]["summary"]["n_inf"] == 2
     assert "identical images" in capsys.readouterr().out
 
+    # The same model in another dtype makes other pixels: its reference is not taken from the cache.
+    assert run(["--model", "tiny", "--dtype", "bf16", "--b", "bf16", "--limit", "2", "--steps", "3",
+                "--metrics", "psnr", "--cache", str(cache), "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "metrics.json").read_text())["generated"] == {"a": 2, "b": 0}
+
 
 def test_missing_weights_stop_before_generating(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -47,9 +47,10 @@ def load(tmp: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{(tmp / 'exp' / 'studies.db').resolve()}")
 
 
-def trial_states(db: Path) -> list[str]:
+def trial_states(db: Path, n_params: int = 2) -> list[str]:
     """Read-only look at a storage another process is writing (opening it with Optuna could race its set-up).
-    A RUNNING trial that has its parameters (so is inside the objective) reads "RUNNING with params"."""
+    A RUNNING trial that has all `n_params` of its parameters (so is inside the objective) reads
+    "RUNNING with params"; one killed between two `suggest_*` calls would hold only some of them."""
     import sqlite3
 
     if not db.exists():
@@ -58,7 +59,7 @@ def trial_states(db: Path) -> list[str]:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
             rows = con.execute("SELECT state, (SELECT COUNT(*) FROM trial_params p WHERE p.trial_id = t.trial_id) "
                                "FROM trials t")
-            return [f"{state} with params" if state == "RUNNING" and n else state for state, n in rows]
+            return [f"{state} with params" if state == "RUNNING" and n >= n_params else state for state, n in rows]
     except sqlite3.OperationalError:  # tables not created yet
         return []
 
