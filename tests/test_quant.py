@@ -315,24 +315,18 @@ def _capability() -> tuple[int, int]:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_capability() < (10, 0), reason="native NVFP4 needs an sm100+ (Blackwell) GPU")
-def test_native_nvfp4_matches_emulation_on_blackwell():
+@pytest.mark.parametrize("scheme, backend", [
+    pytest.param("nvfp4", "native", marks=pytest.mark.skipif(
+        _capability() < (10, 0), reason="native NVFP4 needs an sm100+ (Blackwell) GPU")),
+    pytest.param("fp8", "auto", marks=pytest.mark.skipif(
+        _capability() < (8, 9), reason="native FP8 needs an sm89+ GPU")),
+])
+def test_native_matches_emulation(scheme, backend):
     layer = linear(512, 256, torch.bfloat16).cuda()
     emulated = copy.deepcopy(layer)
     x = torch.randn(128, 512, dtype=torch.bfloat16, device="cuda")
-    assert quantize(layer, "nvfp4", backend="native").backend == "native"
-    quantize(emulated, "nvfp4", backend="emulated")
-    assert_close_rel(layer(x), emulated(x).float(), 2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_capability() < (8, 9), reason="native FP8 needs an sm89+ GPU")
-def test_native_fp8_matches_emulation():
-    layer = linear(512, 256, torch.bfloat16).cuda()
-    emulated = copy.deepcopy(layer)
-    x = torch.randn(128, 512, dtype=torch.bfloat16, device="cuda")
-    assert quantize(layer, "fp8", backend="auto").backend == "native"
-    quantize(emulated, "fp8", backend="emulated")
+    assert quantize(layer, scheme, backend=backend).backend == "native"
+    quantize(emulated, scheme, backend="emulated")
     assert_close_rel(layer(x), emulated(x).float(), 2e-2)
 
 

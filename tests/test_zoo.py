@@ -137,6 +137,7 @@ def test_smoke_training_writes_loadable_weights(smoke_weights, no_network):
 
     report = json.loads((smoke_weights / "train_report.json").read_text())
     assert report["transformer"]["steps"] == 2 and report["weights_mb"] < 25
+    assert 0 < report["yardstick"]["vae_psnr_db"] < float("inf")
     pipe = mini.build_mini("cpu", torch.float32, folder=smoke_weights)
     info = pipe.flux2lab_model
     assert info.revision.startswith("sha256:") and info.text_encoder_out_layers == (1, 2, 3)
