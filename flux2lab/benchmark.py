@@ -53,12 +53,14 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from flux2lab import __version__, dist_version
-from flux2lab.core import applied_recipe, apply, generate
+from flux2lab.cli import dtype_of
+from flux2lab.core import applied_recipe, apply, generate, resolution
 from flux2lab.errors import FeatureNotAvailable, Flux2LabError
 from flux2lab.models import (
     build_transformer_on_meta,
     default_device,
     default_dtype,
+    image_tokens,
     load_pipeline,
     model_info,
 )
@@ -366,11 +368,6 @@ class _Recorder(TorchFunctionMode):
             k = args[1] if len(args) > 1 else kwargs["key"]
             self.sdpa[(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3])] += 1
         return func(*args, **kwargs)
-
-
-def image_tokens(pipe: Any, height: int, width: int) -> int:
-    per_side = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 patch packing
-    return (height // per_side) * (width // per_side)
 
 
 def step_workload(transformer_config: dict[str, Any], n_image: int, n_text: int) -> Workload:
@@ -699,7 +696,7 @@ class Bench:
         self.load_s = time.perf_counter() - t0  # reported by the first rung that uses this pipeline
         info = model_info(self.pipe)
         device = self.pipe.transformer.device
-        height, width = base.height or info.height, base.width or info.width
+        height, width = resolution(self.pipe, base)
         self.result = result = {
             "schema": "flux2lab.bench/1",
             "command": cfg.command,
@@ -772,8 +769,8 @@ class Bench:
 
     def _load(self, device: str | None) -> Any:
         if self.cfg.whole_pipeline:
-            return build_whole_random(device, _dtype(self.cfg.dtype))
-        return load_pipeline(self.cfg.model, device=device, dtype=_dtype(self.cfg.dtype))
+            return build_whole_random(device, dtype_of(self.cfg.dtype))
+        return load_pipeline(self.cfg.model, device=device, dtype=dtype_of(self.cfg.dtype))
 
     def _discard(self, device: torch.device) -> None:
         """Drop the pipeline and everything compiled or captured for it, and give its memory back to the driver
@@ -804,9 +801,8 @@ class Bench:
         if recipe.ulysses_degree > 1:
             from flux2lab.parallel import check_sequence
 
-            info = model_info(self.pipe)
-            check_sequence(self.pipe, recipe.height or info.height, recipe.width or info.width,
-                           info.max_sequence_length, recipe.ulysses_degree)
+            check_sequence(self.pipe, *resolution(self.pipe, recipe), model_info(self.pipe).max_sequence_length,
+                           recipe.ulysses_degree)
         t0 = time.perf_counter()
         self.touched = True
         apply(self.pipe, recipe)
@@ -827,7 +823,7 @@ class Bench:
             from flux2lab.quant import resolve_backend
 
             dtype = (self.pipe.transformer.dtype if self.pipe is not None
-                     else _dtype(self.cfg.dtype) or default_dtype(device))
+                     else dtype_of(self.cfg.dtype) or default_dtype(device))
             resolve_backend(recipe.transformer_precision, recipe.quant_backend, device, dtype)
 
     def _run_under_torchrun(self, rung: Rung, recipe: Recipe, device: torch.device) -> dict[str, Any]:
@@ -869,12 +865,6 @@ class Bench:
     def _update(self) -> None:
         if self.rank == 0:
             self.on_update(self.result)
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    from flux2lab.cli import dtype_of
-
-    return dtype_of(name)
 
 
 def summarize(result: dict[str, Any]) -> None:

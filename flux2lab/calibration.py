@@ -63,8 +63,7 @@ class OutputRecorder(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if not self.values:
-            img_ids = kwargs["img_ids"] if "img_ids" in kwargs else args[3]
-            self._mask = teacache.generated_token_mask(img_ids)
+            self._mask = teacache.generated_token_mask(teacache.forward_argument(module, "img_ids", args, kwargs))
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -219,11 +218,12 @@ def _atomic_write(path: Path, text: str) -> None:
 def run_metadata(pipe, model: str, entries: Sequence[PromptEntry], manifest: Path | str,
                  recipe: Recipe) -> dict[str, Any]:
     """What was recorded (run.json); `_COMPARED` fields must match when resuming or adding a shard."""
+    from flux2lab.core import resolution
     from flux2lab.models import model_info
 
-    info = model_info(pipe)
-    return {"model": model, "revision": info.revision, "steps": recipe.steps,
-            "height": recipe.height or info.height, "width": recipe.width or info.width,
+    height, width = resolution(pipe, recipe)
+    return {"model": model, "revision": model_info(pipe).revision, "steps": recipe.steps,
+            "height": height, "width": width,
             "guidance": recipe.guidance, "manifest": str(manifest), "prompts": len(entries)}
 
 
@@ -290,12 +290,12 @@ def r_squared(y: np.ndarray, predicted: np.ndarray) -> float | None:
     return None if len(y) < 2 or total == 0 else 1.0 - float(np.sum((y - predicted) ** 2)) / total
 
 
-def heldout_prompts(prompt_ids: Sequence[str], fraction: float = HELDOUT_FRACTION) -> set[str]:
-    """A deterministic ~`fraction` of the prompts (by hash of the id), at least one, never all."""
+def heldout_prompts(prompt_ids: Sequence[str]) -> set[str]:
+    """A deterministic ~`HELDOUT_FRACTION` of the prompts (by hash of the id), at least one, never all."""
     ids = sorted(set(prompt_ids), key=lambda p: hashlib.sha256(p.encode()).hexdigest())
     if len(ids) < 2:
         return set()
-    return set(ids[: min(len(ids) - 1, max(1, round(fraction * len(ids))))])
+    return set(ids[: min(len(ids) - 1, max(1, round(HELDOUT_FRACTION * len(ids))))])
 
 
 def polynomial_minimum(coefficients: Sequence[float], lo: float, hi: float) -> tuple[float, float]:
@@ -475,8 +475,7 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def fit_run(run_dir: Path, degree: int = 3, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-            ret_steps: int = 10, cutoff_steps: int | None = None) -> dict[str, Any]:
+def fit_run(run_dir: Path, degree: int = 3, ret_steps: int = 10) -> dict[str, Any]:
     """Merge the shards and write `fit.json` and `fit.png` for a finished recording."""
     meta_path = run_dir / "run.json"
     if not meta_path.exists():
@@ -486,8 +485,7 @@ def fit_run(run_dir: Path, degree: int = 3, thresholds: Sequence[float] = DEFAUL
     if not samples_path.exists():
         raise Flux2LabError(f"{run_dir} has no samples yet; record first.")
     samples = Samples.from_rows(read_rows(samples_path))
-    fit = fit_samples(samples, degree, thresholds=thresholds, steps=meta["steps"], ret_steps=ret_steps,
-                      cutoff_steps=cutoff_steps)
+    fit = fit_samples(samples, degree, steps=meta["steps"], ret_steps=ret_steps)
     plot_fit(samples, fit, run_dir / "fit.png", title=f"TeaCache calibration: {run_dir.name} ({meta['model']})")
     public = {k: v for k, v in fit.items() if not k.startswith("_")}
     _atomic_write(run_dir / "fit.json", json.dumps({"run": meta, **public}, indent=2) + "\n")

@@ -14,7 +14,7 @@ from flux2lab.errors import Flux2LabError
 def quiet_libraries() -> None:
     """Silence per-call chatter from transformers/diffusers/torchao that buries the command's own output."""
     warnings.filterwarnings("ignore", message=".*Enum subclass.*")
-    for name in ("transformers", "diffusers", "torchao", "torch._dynamo", "torch.utils._pytree"):
+    for name in ("transformers", "diffusers", "torchao", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import diffusers

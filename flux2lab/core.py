@@ -133,7 +133,8 @@ def synthetic_prompt_embeds(pipe: Flux2Pipeline, prompt: str) -> torch.Tensor:
     return emb.to(device=t.device, dtype=t.dtype)
 
 
-def _resolution(pipe: Flux2Pipeline, recipe: Recipe) -> tuple[int, int]:
+def resolution(pipe: Flux2Pipeline, recipe: Recipe) -> tuple[int, int]:
+    """(height, width) the recipe generates at: its own, else the model's native size."""
     info = model_info(pipe)
     return recipe.height or info.height, recipe.width or info.width
 
@@ -175,7 +176,7 @@ def generate(
     if applied_recipe(pipe) != recipe:
         apply(pipe, recipe)
     info = model_info(pipe)
-    height, width = _resolution(pipe, recipe)
+    height, width = resolution(pipe, recipe)
     device = pipe.transformer.device
     images, records = [], []
     for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="images", disable=not progress, unit="img"):

@@ -81,9 +81,6 @@ class _Rerun:
     """Stand-in for tests on CPU: "replay" re-runs the function on the static inputs and writes the results
     into the same output tensors, so static-buffer, aliasing and chaining behave exactly as with real graphs."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
     def capture(self, fn, args, kwargs):
         outputs = fn(*args, **kwargs)
         return (fn, args, kwargs, outputs), outputs
@@ -214,7 +211,7 @@ def enable(transformer: torch.nn.Module, compile: bool = False, *, _rerun_on_cpu
     """
     device = transformer.device
     if _rerun_on_cpu:
-        backend: _CudaGraph | _Rerun = _Rerun(device)
+        backend: _CudaGraph | _Rerun = _Rerun()
     elif device.type != "cuda":
         raise FeatureNotAvailable(
             f"cuda_graphs needs a CUDA GPU; the transformer is on '{device}'. Set \"cuda_graphs\": false in the "

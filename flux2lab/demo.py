@@ -148,7 +148,7 @@ def prompt_sets(model: str, plan: Plan) -> dict[str, list]:
         from flux2lab.zoo.world import sample_scenes
 
         def world(kind: str, n: int, seed: int) -> list:
-            return [PromptEntry(Prompt(s.caption), seed + i, f"{kind}-{i}", i + 1)
+            return [PromptEntry(Prompt(s.caption), seed + i, f"{kind}-{i}")
                     for i, s in enumerate(sample_scenes(n, seed, split="heldout"))]
 
         quality = world("quality", plan.quality_prompts, 1000)

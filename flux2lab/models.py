@@ -68,7 +68,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def build_text_encoder(hidden: int, layers: int, vocab_size: int, image_size: int = 64, patch_size: int = 8):
+def build_text_encoder(hidden: int, layers: int, vocab_size: int):
     """A small `Mistral3ForConditionalGeneration` (text + Pixtral vision tower) from a config."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
@@ -84,7 +84,7 @@ def build_text_encoder(hidden: int, layers: int, vocab_size: int, image_size: in
         },
         vision_config={
             "model_type": "pixtral", "hidden_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "intermediate_size": hidden * 2, "image_size": image_size, "patch_size": patch_size,
+            "intermediate_size": hidden * 2, "image_size": tok.IMAGE_SIZE, "patch_size": tok.PATCH_SIZE,
             "num_channels": 3, "head_dim": hidden // 4,
         },
         image_token_index=tok.IMAGE_TOKEN_ID, spatial_merge_size=1, vision_feature_layer=-1,
@@ -121,9 +121,12 @@ def build_transformer_on_meta(**config) -> Flux2Transformer2DModel:
         return Flux2Transformer2DModel(**config)
 
 
+RANDOM_INIT_STD = 0.02
+
+
 def materialize_random(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype,
-                       seed: int = 0, std: float = 0.02) -> torch.nn.Module:
-    """Give a meta-device module real storage on `device`, filled in place with N(0, std) values.
+                       seed: int = 0) -> torch.nn.Module:
+    """Give a meta-device module real storage on `device`, filled in place with N(0, RANDOM_INIT_STD) values.
 
     Random init on the target device (not CPU then copy) keeps 32B parameters to seconds; diffusers'
     own init would run the per-layer initialisers on CPU first.
@@ -132,7 +135,7 @@ def materialize_random(module: torch.nn.Module, device: str | torch.device, dtyp
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.normal_(0.0, std, generator=gen)
+            p.normal_(0.0, RANDOM_INIT_STD, generator=gen)
         for b in module.buffers():
             if b.is_floating_point():
                 b.zero_()
@@ -233,3 +236,9 @@ def model_info(pipe: Flux2Pipeline) -> ModelInfo:
     if info is None:
         raise Flux2LabError("this pipeline was not loaded with flux2lab.models.load_pipeline; load it there.")
     return info
+
+
+def image_tokens(pipe: Flux2Pipeline, height: int, width: int) -> int:
+    """Image tokens the transformer sees at height x width."""
+    per_side = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 patch packing
+    return (height // per_side) * (width // per_side)

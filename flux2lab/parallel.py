@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from flux2lab import cudagraphs
 from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.models import default_device
+from flux2lab.models import default_device, image_tokens
 
 # How long a rank waits in a collective for the others before the job fails. It must cover the longest
 # legitimate gap between two collectives on different ranks (one rank loading weights or compiling slower than
@@ -46,10 +46,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def _env_int(name: str, default: int) -> int:
@@ -167,19 +163,11 @@ def enable_ulysses(transformer: Any, degree: int) -> None:
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
 
 
-def ulysses_degree_of(transformer: Any) -> int:
-    config = getattr(transformer, "_parallel_config", None)
-    cp = getattr(config, "context_parallel_config", None)
-    return cp.ulysses_degree if cp is not None else 1
-
-
 def check_sequence(pipe: Any, height: int, width: int, text_tokens: int, degree: int) -> None:
     """Ulysses shards image and text tokens evenly: both counts must divide by the degree."""
     if degree == 1:
         return
-    per_side = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 patch packing
-    image_tokens = (height // per_side) * (width // per_side)
-    for name, count in (("image", image_tokens), ("text", text_tokens)):
+    for name, count in (("image", image_tokens(pipe, height, width)), ("text", text_tokens)):
         if count % degree:
             raise Flux2LabError(
                 f"Ulysses degree {degree} must divide the {name} token count ({count} at {height}x{width}); "

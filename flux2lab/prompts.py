@@ -23,7 +23,6 @@ class PromptEntry:
     prompt: Prompt
     seed: int | None
     id: str
-    line: int
 
     @property
     def kind(self) -> str:
@@ -53,7 +52,7 @@ def _entry(obj: object, path: Path, line: int) -> PromptEntry:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise Flux2LabError(f"{where}: field 'seed' must be a non-negative integer, got {seed!r}.")
     ident = obj.get("id", f"{path.stem}-{line}")
-    return PromptEntry(Prompt(text.strip(), tuple(resolved)), seed, str(ident), line)
+    return PromptEntry(Prompt(text.strip(), tuple(resolved)), seed, str(ident))
 
 
 def load_prompts(path: str | Path) -> list[PromptEntry]:
@@ -73,7 +72,7 @@ def load_prompts(path: str | Path) -> list[PromptEntry]:
                 raise Flux2LabError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
             entries.append(_entry(obj, path, n))
         else:
-            entries.append(PromptEntry(Prompt(line), None, f"{path.stem}-{n}", n))
+            entries.append(PromptEntry(Prompt(line), None, f"{path.stem}-{n}"))
     if not entries:
         raise Flux2LabError(f"prompt file {path} has no prompts.")
     ids = [e.id for e in entries]

@@ -346,7 +346,8 @@ def _nvfp4_emulated_transform(module: nn.Linear, config: NVFP4EmulatedConfig) ->
     w = module.weight.detach().contiguous()
     packed = NVFP4Tensor.to_nvfp4(w, per_tensor_scale=nvfp4_per_tensor_scale(w))
     module.weight = nn.Parameter(packed, requires_grad=False)
-    module.register_buffer("e2m1_pairs", E2M1_PAIRS.to(w.device), persistent=False)
+    # In the layer's dtype (the values are exact in bf16), so the per-call `.to(x.dtype)` is a no-op.
+    module.register_buffer("e2m1_pairs", E2M1_PAIRS.to(w.device, w.dtype), persistent=False)
     module.__class__ = NVFP4EmulatedLinear  # in place, so a bare nn.Linear passed to quantize() works too
     return module
 

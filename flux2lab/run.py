@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace, env: Any) -> int:
     from tqdm.auto import tqdm
 
     from flux2lab import parallel
-    from flux2lab.core import generate
+    from flux2lab.core import generate, resolution
     from flux2lab.errors import Flux2LabError
     from flux2lab.frozen import load_frozen
     from flux2lab.models import load_pipeline, model_info
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace, env: Any) -> int:
     info = model_info(pipe)
     for warning in frozen.model_warnings(info):
         say(f"warning: {warning}")
-    height, width = recipe.height or info.height, recipe.width or info.width
+    height, width = resolution(pipe, recipe)
     parallel.check_sequence(pipe, height, width, info.max_sequence_length, env.world_size)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -76,8 +76,6 @@ class TeaCacheConfig:
     - `replay_skips`: skip exactly these step indices instead of deciding (distances are still measured and
       logged, so a replayed step costs what a decided one does). For speed measurements on random
       weights, where decisions mean nothing. Step 0 cannot be skipped: nothing is cached yet.
-    - `process_group`: the group whose ranks each hold a shard of the tokens; "auto" takes the
-      transformer's context-parallel group when it has one, None never all-reduces.
     """
 
     num_inference_steps: int
@@ -86,7 +84,6 @@ class TeaCacheConfig:
     ret_steps: int = FLUX2_DEV_RET_STEPS
     cutoff_steps: int | None = None
     replay_skips: tuple[int, ...] | None = None
-    process_group: Any = field(default="auto", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
@@ -271,7 +268,8 @@ class _State(BaseState):
         self.skip = False  # the only thing the (compiled) blocks read
 
 
-def _argument(module: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+def forward_argument(module: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+    """Argument `name` of a hooked module's forward call, however it was passed (None if not passed)."""
     if name in kwargs:
         return kwargs[name]
     params = list(inspect.signature(type(unwrap_module(module)).forward).parameters)[1:]
@@ -292,7 +290,8 @@ class _StepHook(ModelHook):
         self.state = state
 
     def pre_forward(self, module, *args, **kwargs):
-        self._begin_step(_argument(module, "timestep", args, kwargs), _argument(module, "img_ids", args, kwargs))
+        self._begin_step(forward_argument(module, "timestep", args, kwargs),
+                         forward_argument(module, "img_ids", args, kwargs))
         return args, kwargs
 
     @torch.compiler.disable
@@ -356,8 +355,7 @@ class _DecisionHook(ModelHook):
         measure = st.step > 0 and (config.replay_skips is not None or forced_reason(config, st.step) is None)
         rel = None
         if measure:
-            group = context_parallel_group(self.transformer) if config.process_group == "auto" else config.process_group
-            rel = relative_l1(m, st.previous, group)
+            rel = relative_l1(m, st.previous, context_parallel_group(self.transformer))
         d = decide(config, st.step, rel, st.carry)
         st.carry = d.carry
         st.previous = m

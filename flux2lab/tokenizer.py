@@ -23,6 +23,8 @@ SPECIAL_TOKENS = (
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("[IMG]")
 VOCAB_SIZE = 2048
+# Reference images: the processor's resize and patching, and the text encoder's Pixtral vision tower, must agree.
+IMAGE_SIZE, PATCH_SIZE = 64, 8
 
 # Words prompts are made of: the built-in world's captions (shapes, colours, places, sizes) and the
 # subjects, styles and scene words of the calibration and quality prompt sets. Anything else still
@@ -85,12 +87,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(patch_size: int = 8, image_size: int = 64) -> PixtralProcessor:
+def build_processor() -> PixtralProcessor:
     """The processor `Flux2Pipeline` calls as `tokenizer`: Pixtral's, around the offline tokenizer."""
     image_processor = PixtralImageProcessor(
-        size={"longest_edge": image_size}, patch_size={"height": patch_size, "width": patch_size}
+        size={"longest_edge": IMAGE_SIZE}, patch_size={"height": PATCH_SIZE, "width": PATCH_SIZE}
     )
     return PixtralProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=patch_size,
+        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH_SIZE,
         chat_template=CHAT_TEMPLATE,
     )

@@ -28,7 +28,7 @@ import torch
 from diffusers import Flux2Pipeline
 
 from flux2lab.cli import add_model_args, dtype_of, run_main
-from flux2lab.core import Generation, ImageRecord, Prompt, applied_recipe, apply, generate
+from flux2lab.core import Generation, ImageRecord, Prompt, applied_recipe, apply, generate, resolution
 from flux2lab.errors import Flux2LabError
 from flux2lab.models import model_info
 from flux2lab.presets import PRESET_HELP, resolve_recipe
@@ -111,14 +111,15 @@ def sample(
     if applied_recipe(pipe) != recipe:
         apply(pipe, recipe)
     info = model_info(pipe)
+    height, width = resolution(pipe, recipe)
     images, records = [], []
     for i in range(0, len(prompts), batch_size):
         chunk, chunk_seeds = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         start = time.perf_counter()
         out = pipe(
             prompt=chunk,
-            height=recipe.height or info.height,
-            width=recipe.width or info.width,
+            height=height,
+            width=width,
             num_inference_steps=recipe.steps,
             guidance_scale=recipe.guidance,
             generator=[torch.Generator(device="cpu").manual_seed(s) for s in chunk_seeds],
