@@ -32,7 +32,6 @@ parallelism of degree N) when N GPUs are visible, and otherwise prints the comma
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -60,6 +59,7 @@ from flux2lab.models import (
     build_transformer_on_meta,
     default_device,
     default_dtype,
+    free_memory,
     image_tokens,
     load_pipeline,
     model_info,
@@ -755,14 +755,14 @@ class Bench:
             elif row["status"] != "ok" and rung.gpus == 1:
                 dropped.append(rung.name)
             if row["status"] != "ok" and self.touched:  # apply may have half-changed it
-                self._discard(device)
+                self._discard()
             if row["status"] != "ok":
                 self.say(f"  {row['status']}: {row['reason']}")
             result["rungs"].append(row)
             summarize(result)
             self._update()
         if self.pipe is not None:
-            self._discard(device)
+            self._discard()
         result["wall_s"] = time.perf_counter() - started
         self._update()
         return result
@@ -772,16 +772,14 @@ class Bench:
             return build_whole_random(device, dtype_of(self.cfg.dtype))
         return load_pipeline(self.cfg.model, device=device, dtype=dtype_of(self.cfg.dtype))
 
-    def _discard(self, device: torch.device) -> None:
+    def _discard(self) -> None:
         """Drop the pipeline and everything compiled or captured for it, and give its memory back to the driver
         (the full-size loader checks the driver's free memory) before the next one is loaded."""
         if self.pipe is None:
             return
         self.pipe, self.load_s = None, None  # the only reference: nothing else here keeps the pipeline
         torch._dynamo.reset()  # stale compiled blocks would otherwise pile up against the recompile limit
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory()
 
     def _run_rung(self, rung: Rung, recipe: Recipe, device: torch.device) -> dict[str, Any]:
         if recipe.ulysses_degree > 1 and self.world == 1:
@@ -789,7 +787,7 @@ class Bench:
         self._precheck(rung, recipe, device)
         row: dict[str, Any] = {}
         if self.pipe is not None and (done := applied_recipe(self.pipe)) is not None and done.model_changes(recipe):
-            self._discard(device)
+            self._discard()
         if self.pipe is None:
             t0 = time.perf_counter()
             self.pipe = self._load(str(device))
@@ -840,7 +838,7 @@ class Bench:
                 f"or this rung alone: {shown}"
             )
         recipe.save(recipe_file)
-        self._discard(device)  # every rank loads its own copy; this process's card is one of them
+        self._discard()  # every rank loads its own copy; this process's card is one of them
         self.say(f"  launching: {shown}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                "-m", "flux2lab.bench", *child]

@@ -70,6 +70,11 @@ class Generation:
     records: list[ImageRecord]
 
     @property
+    def mean_wall_s(self) -> float:
+        """Mean seconds per image (nan for no images)."""
+        return sum(r.wall_s for r in self.records) / len(self.records) if self.records else float("nan")
+
+    @property
     def skipped_fraction(self) -> float:
         steps = sum(len(r.teacache) for r in self.records if r.teacache)
         return sum(len(r.skipped_steps) for r in self.records) / steps if steps else 0.0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import shlex
 import shutil
@@ -192,15 +191,6 @@ def thresholds_from_fit(fit: dict[str, Any], multiples: Sequence[float]) -> list
     return sorted({float(f"{m * floor:.3g}") for m in multiples})
 
 
-def free_memory() -> None:
-    """Drop a stage's pipeline before the next stage loads one (two full-size models do not fit one card)."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ------------------------------------------------------------------------------------------------ the demo
 
 
@@ -314,7 +304,7 @@ class Demo:
 
     def calibrate(self) -> str:
         from flux2lab import calibration
-        from flux2lab.models import load_pipeline
+        from flux2lab.models import free_memory, load_pipeline
 
         entries, seeds = self.sets["calibration"], self.manifests["calibration"][1]
         recipe = calibration.recording_recipe(self.plan.steps, self.plan.size, self.plan.size)
@@ -359,6 +349,7 @@ class Demo:
 
         from flux2lab import study as st
         from flux2lab.frozen import calibration_record
+        from flux2lab.models import free_memory
         from flux2lab.presets import coefficients_from_fit
 
         fit_path = self.path("calibration", STUDY, "fit.json")
@@ -394,6 +385,7 @@ class Demo:
 
     def compare(self) -> str:
         from flux2lab.metrics import MetricOptions
+        from flux2lab.models import free_memory
         from flux2lab.quality import compare
 
         base = self.recipe()
@@ -435,6 +427,7 @@ class Demo:
 
     def run_frozen(self) -> str:
         from flux2lab import run
+        from flux2lab.models import free_memory
 
         # The runner's library is its main(): called in this process, not as a subprocess.
         with self.log("run"):
@@ -450,6 +443,7 @@ class Demo:
 
     def bench(self) -> str:
         from flux2lab.benchmark import Bench, BenchConfig, write_report
+        from flux2lab.models import free_memory
 
         out = self.path("bench")
         cfg = BenchConfig(model=self.model, device=self.args.device, dtype=self.args.dtype, steps=self.plan.steps,

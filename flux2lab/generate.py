@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "images": [{"file": f, **r.to_dict()} for f, r in zip(files, result.records)],
     }
     (args.out / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-    mean = sum(r.wall_s for r in result.records) / len(result.records)
-    print(f"{len(result.records)} image(s) in {args.out} (mean {mean:.2f} s/image); record: {args.out / 'record.json'}")
+    print(f"{len(result.records)} image(s) in {args.out} (mean {result.mean_wall_s:.2f} s/image); "
+          f"record: {args.out / 'record.json'}")
     return 0
 
 

@@ -14,6 +14,7 @@ encoder layers, native resolution) and its identity for provenance.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from collections.abc import Callable
@@ -229,6 +230,14 @@ def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | N
     if source in BUILTIN:
         return BUILTIN[source](device, dtype)
     return load_pretrained(source, device, dtype)
+
+
+def free_memory() -> None:
+    """Give a dropped pipeline's memory back before the next one loads (two full-size models do not fit one
+    card): collect it, then return the CUDA caching allocator's free blocks to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def model_info(pipe: Flux2Pipeline) -> ModelInfo:

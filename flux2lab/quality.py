@@ -8,17 +8,16 @@ reference generated once serves every later comparison against it.
 from __future__ import annotations
 
 import csv
-import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flux2lab.core import ImageRecord
+from flux2lab.core import Generation
 from flux2lab.imagecache import ImageCache, generate_cached
 from flux2lab.metrics import MetricOptions, MetricResult, evaluate
-from flux2lab.models import load_pipeline, model_info
+from flux2lab.models import free_memory, load_pipeline, model_info
 from flux2lab.plots import comparison_grid
 from flux2lab.prompts import PromptEntry
 from flux2lab.recipe import Recipe
@@ -32,17 +31,16 @@ class Comparison:
     labels: tuple[str, str]
     entries: list[PromptEntry]
     seeds: list[int]
-    images: tuple[list, list]
-    records: tuple[list[ImageRecord], list[ImageRecord]]
+    generations: tuple[Generation, Generation]  # A's and B's images with their records
     metrics: dict[str, MetricResult]
     generated: tuple[int, int]  # images newly made for A and B (the rest came from the cache)
 
     def write(self, out: str | Path) -> dict[str, Path]:
         """Images, metrics.json, per_prompt.csv and grid.png under `out`."""
         out = Path(out)
-        for side, images in zip("ab", self.images):
+        for side, gen in zip("ab", self.generations):
             (out / side).mkdir(parents=True, exist_ok=True)
-            for entry, img in zip(self.entries, images):
+            for entry, img in zip(self.entries, gen.images):
                 img.save(out / side / f"{entry.id}.png")
         summary = {
             "model": self.model, "revision": self.revision,
@@ -50,8 +48,8 @@ class Comparison:
             "b": {"label": self.labels[1], "recipe": self.recipes[1].to_dict()},
             "prompts": [{"id": e.id, "prompt": e.prompt.text, "seed": s} for e, s in zip(self.entries, self.seeds)],
             "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
-            "seconds_per_image": {side: _mean([r.wall_s for r in recs]) for side, recs in zip("ab", self.records)},
-            "skipped_fraction_b": _skipped(self.records[1]),
+            "seconds_per_image": {side: gen.mean_wall_s for side, gen in zip("ab", self.generations)},
+            "skipped_fraction_b": self.generations[1].skipped_fraction,
             "generated": {"a": self.generated[0], "b": self.generated[1]},
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -61,18 +59,9 @@ class Comparison:
             w.writerow(["id", "prompt", "seed", *per_image])
             for i, (e, s) in enumerate(zip(self.entries, self.seeds)):
                 w.writerow([e.id, e.prompt.text, s, *(float(v[i]) for v in per_image.values())])
-        grid = comparison_grid(list(zip(*self.images)), [e.prompt.text for e in self.entries],
+        grid = comparison_grid(list(zip(*(gen.images for gen in self.generations))), [e.prompt.text for e in self.entries],
                                (f"A: {self.labels[0]}", f"B: {self.labels[1]}"), out / "grid.png")
         return {"metrics": out / "metrics.json", "per_prompt": out / "per_prompt.csv", "grid": grid}
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _skipped(records: list[ImageRecord]) -> float:
-    steps = sum(len(r.teacache) for r in records if r.teacache)
-    return sum(len(r.skipped_steps) for r in records) / steps if steps else 0.0
 
 
 def compare(
@@ -93,14 +82,12 @@ def compare(
     gen_a, new_a = generate_cached(pipe, prompts, seeds, a, cache, progress=progress)
     if a.model_changes(b):
         del pipe
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
         pipe = load_pipeline(model, device=device, dtype=dtype)
     gen_b, new_b = generate_cached(pipe, prompts, seeds, b, cache, progress=progress)
     metrics = evaluate(gen_a.images, gen_b.images, weights, prompts=[p.text for p in prompts], options=options)
     return Comparison(
         model=model, revision=info.revision, recipes=(a, b), labels=labels, entries=entries, seeds=seeds,
-        images=(gen_a.images, gen_b.images), records=(gen_a.records, gen_b.records), metrics=metrics,
+        generations=(gen_a, gen_b), metrics=metrics,
         generated=(new_a, new_b),
     )

@@ -29,7 +29,6 @@ again, which is why retries are queued explicitly.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -580,11 +579,6 @@ class _FiniteCheck:
             self.handle.remove()
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 class TrialRunner:
     """Loads pipelines lazily (one per transformer precision, up to `keep_pipelines`), makes the reference
     once, and scores each trial's recipe. Its `objective` is what `Study.optimize` calls."""
@@ -606,15 +600,14 @@ class TrialRunner:
     def pipeline(self, recipe: Recipe):
         """A loaded pipeline whose model-changing fields match `recipe` (loading one if needed)."""
         from flux2lab import core
-        from flux2lab.models import load_pipeline
+        from flux2lab.models import free_memory, load_pipeline
 
         for pipe in self.pipes:
             if not core.applied_recipe(pipe).model_changes(recipe):
                 return pipe
         if len(self.pipes) >= self.keep:
             self.pipes.pop(0)
-            gc.collect()
-            self._empty_cache()
+            free_memory()
         pipe = load_pipeline(self.config.model, device=self.device, dtype=self.dtype)
         core.apply(pipe, recipe.replace(teacache={"enabled": False}))
         prompt = self.config.prompts[0]
@@ -623,12 +616,6 @@ class TrialRunner:
                       recipe.replace(steps=1, teacache={"enabled": False}))
         self.pipes.append(pipe)
         return pipe
-
-    def _empty_cache(self) -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def prompts(self):
         from flux2lab.core import Prompt
@@ -653,7 +640,7 @@ class TrialRunner:
             gen, _ = generate_cached(pipe, prompts, seeds, base, ImageCache(self.study_dir / "reference"),
                                      progress=self.progress)
         self.reference = gen.images
-        self.ref_time = _mean(r.wall_s for r in gen.records)
+        self.ref_time = gen.mean_wall_s
 
     # -- one trial
 
@@ -674,7 +661,7 @@ class TrialRunner:
         bad = [n for n, v in values.items() if math.isnan(float(v))]
         if bad:
             raise NonFiniteImages(f"metric(s) {', '.join(bad)} are NaN")
-        time_per_image = _mean(r.wall_s for r in gen.records)
+        time_per_image = gen.mean_wall_s
         info = model_info(pipe)
         return {
             "recipe": recipe.to_dict(), "metrics": values, "time_per_image": time_per_image,

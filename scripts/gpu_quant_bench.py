@@ -15,7 +15,6 @@ issue 4 checked against the eager BF16 row.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import statistics
@@ -29,7 +28,13 @@ from torch import nn
 
 from flux2lab.cli import run_main
 from flux2lab.errors import Flux2LabError
-from flux2lab.models import FULL_TEXT_TOKENS, TINY_TRANSFORMER, build_transformer_on_meta, materialize_random
+from flux2lab.models import (
+    FULL_TEXT_TOKENS,
+    TINY_TRANSFORMER,
+    build_transformer_on_meta,
+    free_memory,
+    materialize_random,
+)
 from flux2lab.quant import QuantReport, module_bytes, quantize, select_layers
 
 # name -> (precision, backend, compile). FP8 "auto" is torchao's real kernel on sm89+ (emulated on CPU).
@@ -154,13 +159,6 @@ def run_variant(name: str, args, config: dict, device: torch.device, dtype) -> d
     return row
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def check_targets(rows: dict[str, dict]) -> list[dict]:
     base = rows.get("bf16")
     out = []
@@ -260,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             row = run_variant(name, args, config, device, torch.bfloat16)
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
             row = {"variant": name, "error": f"{type(e).__name__}: {e}"[:300]}
-        free(device)
+        torch._dynamo.reset()
+        free_memory()
         result["rows"][name] = row
         done = row.get("error") or f"{row['step_ms']:.1f} ms/step, {row['weights_gib']:.3g} GiB"
         print(f"[{name}] {done}", flush=True)

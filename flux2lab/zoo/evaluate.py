@@ -64,7 +64,7 @@ class Evaluation:
             "domain_fid": self.domain_fid,
             "domain_fid_floor": self.domain_fid_floor,
             "skipped_fraction": g.skipped_fraction if g else None,
-            "mean_wall_s": float(np.mean([r.wall_s for r in g.records])) if g else None,
+            "mean_wall_s": g.mean_wall_s if g else None,
         }
 
 
