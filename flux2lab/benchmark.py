@@ -153,16 +153,12 @@ def traced_skips(fit_path: Path, trace_path: Path, steps: int, recipe: Recipe) -
     """The skips TeaCache's rule makes on recorded distances (a calibration run's samples.csv) with the
     coefficients of its fit.json, for the prompt whose skip count is the median of the trace."""
     from flux2lab.calibration import read_rows
+    from flux2lab.presets import coefficients_from_fit
     from flux2lab.teacache import TeaCacheConfig, plan_skips
 
-    for path in (fit_path, trace_path):
-        if not path.is_file():
-            raise Flux2LabError(f"--teacache-schedule: {path} does not exist.")
-    try:
-        coefficients = tuple(json.loads(fit_path.read_text())["coefficients"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise Flux2LabError(f"--teacache-schedule: {fit_path} is not a calibration fit.json (no 'coefficients')."
-                            ) from None
+    coefficients = coefficients_from_fit(fit_path)
+    if not trace_path.is_file():
+        raise Flux2LabError(f"--teacache-schedule: {trace_path} does not exist.")
     traces: dict[tuple[str, str], dict[int, float]] = {}
     for row in read_rows(trace_path):
         traces.setdefault((row["prompt_id"], row["seed"]), {})[int(row["step"])] = float(row["x"])

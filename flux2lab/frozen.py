@@ -19,7 +19,7 @@ import argparse
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -46,7 +46,8 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _sha256(data: Any) -> str:
+def json_sha256(data: Any) -> str:
+    """SHA-256 of `data`'s canonical JSON: what a frozen config records, and how reports name a recipe."""
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 
@@ -185,9 +186,8 @@ def freeze(recipe: Recipe, model: Any, provenance: Mapping[str, Any] | None = No
         raise FrozenConfigError(f"freeze() takes a Recipe, got {type(recipe).__name__}.")
     identity = ModelIdentity.of(model)
     prov = _provenance(recipe, provenance, created)
-    content = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "recipe": recipe.to_dict(),
-               "model": identity.to_dict(), "provenance": prov}
-    return FrozenConfig(recipe, identity, _freeze_json(prov), _sha256(content))
+    unsigned = FrozenConfig(recipe, identity, _freeze_json(prov), sha256="")
+    return replace(unsigned, sha256=json_sha256(unsigned.content()))
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -225,7 +225,7 @@ def load_frozen(path: str | Path) -> FrozenConfig:
     stored = data.get("sha256")
     content = {k: v for k, v in data.items() if k != "sha256"}
     try:
-        actual = _sha256(content)
+        actual = json_sha256(content)
     except (TypeError, ValueError):
         actual = None
     if stored != actual:

@@ -148,11 +148,11 @@ def _reject_unknown(data: dict, allowed: set[str], source: str, prefix: str) -> 
         )
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -170,15 +170,15 @@ def validate(recipe: Recipe) -> None:
     for name in ("compile", "cuda_graphs"):
         if not isinstance(getattr(recipe, name), bool):
             raise bad(name, getattr(recipe, name), "true | false")
-    if not _is_int(recipe.ulysses_degree) or recipe.ulysses_degree < 1:
+    if not is_int(recipe.ulysses_degree) or recipe.ulysses_degree < 1:
         raise bad("ulysses_degree", recipe.ulysses_degree, "an integer >= 1 (the number of GPUs)")
     for name in ("height", "width"):
         v = getattr(recipe, name)
-        if v is not None and (not _is_int(v) or v < 16 or v % 16):
+        if v is not None and (not is_int(v) or v < 16 or v % 16):
             raise bad(name, v, "null (the model's default) or a positive multiple of 16")
-    if not _is_int(recipe.steps) or recipe.steps < 1:
+    if not is_int(recipe.steps) or recipe.steps < 1:
         raise bad("steps", recipe.steps, "an integer >= 1")
-    if not _is_number(recipe.guidance) or recipe.guidance < 0:
+    if not is_number(recipe.guidance) or recipe.guidance < 0:
         raise bad("guidance", recipe.guidance, "a finite number >= 0")
 
     tc = recipe.teacache
@@ -187,13 +187,13 @@ def validate(recipe: Recipe) -> None:
     if not isinstance(tc.enabled, bool):
         raise bad("teacache.enabled", tc.enabled, "true | false")
     if (not isinstance(tc.coefficients, tuple) or not tc.coefficients
-            or not all(_is_number(c) for c in tc.coefficients)):
+            or not all(is_number(c) for c in tc.coefficients)):
         raise bad("teacache.coefficients", tc.coefficients, "a non-empty list of finite numbers, highest degree first")
-    if not _is_number(tc.threshold) or tc.threshold < 0:
+    if not is_number(tc.threshold) or tc.threshold < 0:
         raise bad("teacache.threshold", tc.threshold, "a finite number >= 0")
-    if not _is_int(tc.ret_steps) or tc.ret_steps < 0:
+    if not is_int(tc.ret_steps) or tc.ret_steps < 0:
         raise bad("teacache.ret_steps", tc.ret_steps, "an integer >= 0")
-    if tc.cutoff_steps is not None and (not _is_int(tc.cutoff_steps) or tc.cutoff_steps < tc.ret_steps):
+    if tc.cutoff_steps is not None and (not is_int(tc.cutoff_steps) or tc.cutoff_steps < tc.ret_steps):
         raise bad("teacache.cutoff_steps", tc.cutoff_steps, f"null or an integer >= ret_steps ({tc.ret_steps})")
     # Step counts are only checked against `steps` when TeaCache is on, so the published defaults
     # (ret_steps 10) do not forbid a short uncached run.

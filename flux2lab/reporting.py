@@ -159,10 +159,10 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _recipe_hash(recipe: dict[str, Any]) -> str:
-    from flux2lab.frozen import canonical_json
+def _json_hash(data: dict[str, Any]) -> str:
+    from flux2lab.frozen import json_sha256
 
-    return hashlib.sha256(canonical_json(recipe).encode()).hexdigest()[:12]
+    return json_sha256(data)[:12]
 
 
 def _rel(path: Path, root: Path | None) -> str:
@@ -400,10 +400,6 @@ def _load_studies(urls: Sequence[str], frozen: Sequence[Path], root: Path | None
     return studies, problems
 
 
-def _trial_metrics(trials: Sequence[Any]) -> list[str]:
-    return [m for m in TRIAL_METRICS if any(m in (t.user_attrs.get("metrics") or {}) for t in trials)]
-
-
 def pareto_figure(s: _Study) -> Figure | None:
     """Speed against every quality metric, Pareto front joined, frozen trials starred.
 
@@ -411,10 +407,10 @@ def pareto_figure(s: _Study) -> Figure | None:
     from matplotlib.figure import Figure as MplFigure
     from optuna.trial import TrialState
 
-    from flux2lab.study import SPEED_METRICS
+    from flux2lab.study import SPEED_METRICS, measured_metrics
 
     done = [t for t in s.trials if t.state == TrialState.COMPLETE]
-    names = _trial_metrics(done)
+    names = measured_metrics(done, TRIAL_METRICS)
     if not done or not names:
         return None
     speed_attr = SPEED_METRICS[s.config.speed_metric][0]
@@ -465,6 +461,8 @@ def pareto_figure(s: _Study) -> Figure | None:
 def search_section(studies: Sequence[_Study], problems: Sequence[str]) -> Section:
     from optuna.trial import TrialState
 
+    from flux2lab.study import measured_metrics
+
     sec = Section("search", "Search: TeaCache settings against quality")
     for s in studies:
         c = s.config
@@ -480,7 +478,7 @@ def search_section(studies: Sequence[_Study], problems: Sequence[str]) -> Sectio
         fig = pareto_figure(s)
         if fig:
             sec.blocks.append(fig)
-        metric_names = _trial_metrics(s.trials)
+        metric_names = measured_metrics(s.trials, TRIAL_METRICS)
         params = list(c.space)
         rows = []
         for t in sorted(s.trials, key=lambda t: t.number):
@@ -525,9 +523,9 @@ def quality_section(comparisons: Sequence[Path], skipped: dict[str, str]) -> Sec
         sec.blocks.append(Text(f"Measured on model {data.get('model')}{revision}, {len(data.get('prompts', []))} "
                                f"prompts. {model_note(data.get('model'))}"))
         sec.blocks.append(Table(["side", "recipe", "recipe hash", "s/image"], [
-            [f"A: {a['label']}", describe_recipe(a["recipe"]), _recipe_hash(a["recipe"]),
+            [f"A: {a['label']}", describe_recipe(a["recipe"]), _json_hash(a["recipe"]),
              _num((data.get("seconds_per_image") or {}).get("a"), ".3f")],
-            [f"B: {b['label']}", describe_recipe(b["recipe"]), _recipe_hash(b["recipe"]),
+            [f"B: {b['label']}", describe_recipe(b["recipe"]), _json_hash(b["recipe"]),
              _num((data.get("seconds_per_image") or {}).get("b"), ".3f")],
         ]))
         fig = _png_figure(folder / "grid.png", f"{a['label']} | {b['label']} | per-pixel difference (mean |A - B| "
@@ -708,9 +706,11 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def provenance_section(found: Found, studies: Sequence[_Study], command: str | None) -> Section:
+def provenance_section(found: Found, studies: Sequence[_Study], demo: dict[str, Any],
+                       command: str | None) -> Section:
     sec = Section("provenance", "Provenance")
     root = found.root
+    benches = {folder: _read_json(folder / "bench.json") or {} for folder in found.benches}
     v = versions()
     sec.blocks.append(Table(["software", "version at report time"],
                             [[k, str(v[k])] for k in ("flux2lab", "diffusers", "torch", "transformers", "torchao",
@@ -719,8 +719,8 @@ def provenance_section(found: Found, studies: Sequence[_Study], command: str | N
                             + [["git commit", f"{str(v['git_commit'])[:12]}"
                                 + (" (uncommitted changes)" if v["git_dirty"] else "")]]))
     recorded = []
-    for folder in found.benches:
-        env = (_read_json(folder / "bench.json") or {}).get("environment") or {}
+    for folder, bench in benches.items():
+        env = bench.get("environment") or {}
         recorded.append([_rel(folder / "bench.json", root), env.get("flux2lab"), env.get("diffusers"), env.get("torch")])
     for path in found.frozen:
         prov = (_read_json(path) or {}).get("provenance") or {}
@@ -730,17 +730,14 @@ def provenance_section(found: Found, studies: Sequence[_Study], command: str | N
                                 [[str(c) if c else "—" for c in row] for row in recorded],
                                 "Versions recorded by the artefacts themselves when they were made."))
 
-    demo = _read_json(found.demo) if found.demo else None
     commands = []
     if demo:
         commands.append(["demo", demo.get("command", ""), _num(demo.get("wall_s"), ".0f", " s")])
         commands += [[s["name"], s.get("command", ""), _num(s.get("wall_s"), ".0f", " s")]
                      for s in demo.get("stages") or []]
-    for folder in found.benches:
-        cmd = (_read_json(folder / "bench.json") or {}).get("command")
-        if cmd and not demo:
-            commands.append(["bench", cmd, _num((_read_json(folder / "bench.json") or {}).get("wall_s"), ".0f",
-                                                " s")])
+    for bench in benches.values():
+        if bench.get("command") and not demo:
+            commands.append(["bench", bench["command"], _num(bench.get("wall_s"), ".0f", " s")])
     if command:
         commands.append(["report", command, ""])
     if commands:
@@ -753,14 +750,12 @@ def provenance_section(found: Found, studies: Sequence[_Study], command: str | N
         hashes.append([_rel(run / "fit.json", root), "calibration fit (sha256 of the file)",
                        _sha256_file(run / "fit.json")[:12]])
     for s in studies:
-        from flux2lab.frozen import canonical_json
-
         hashes.append([f"study {s.name}", "study configuration (sha256 of its canonical JSON)",
-                       hashlib.sha256(canonical_json(s.config.to_dict()).encode()).hexdigest()[:12]])
+                       _json_hash(s.config.to_dict())])
     for folder in found.comparisons:
         data = _read_json(folder / "metrics.json") or {}
         hashes.append([_rel(folder / "metrics.json", root), "compare: recipe A / recipe B",
-                       f"{_recipe_hash(data['a']['recipe'])} / {_recipe_hash(data['b']['recipe'])}"])
+                       f"{_json_hash(data['a']['recipe'])} / {_json_hash(data['b']['recipe'])}"])
     for path in found.frozen:
         hashes.append([_rel(path, root), "frozen config (recorded sha256)",
                        str((_read_json(path) or {}).get("sha256", ""))[:12]])
@@ -804,7 +799,7 @@ def build(experiments: str | Path | None, *, bench_dirs: Sequence[str | Path] = 
         sections.append(run_section(found.frozen, found.runs, root))
     if found.benches:
         sections.append(speed_section(found.benches, root))
-    sections.append(provenance_section(found, studies, command))
+    sections.append(provenance_section(found, studies, demo, command))
     source = str(root) if root is not None else ", ".join(str(b) for b in bench_dirs)
     return Report(title or f"flux2lab report: {Path(source).name or source}", source,
                   datetime.now(timezone.utc).isoformat(timespec="seconds"), sections)

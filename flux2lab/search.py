@@ -232,8 +232,8 @@ def _freeze(args, storage, storage_url: str) -> int:
     from flux2lab import study as st
 
     study, config = st.load_study(args.study, storage)
-    budgets = {k: v for k, v in (("lpips", args.max_lpips), ("psnr", args.min_psnr), ("ssim", args.min_ssim))
-               if v is not None}
+    bounds = {k: getattr(args, f"{side}_{k}") for k, side in st.BUDGETS.items()}  # --max-lpips, --min-psnr...
+    budgets = {k: v for k, v in bounds.items() if v is not None}
     trial = st.select(study, config, budgets)
     out = args.out or args.experiments / "frozen" / f"{args.study}.json"
     if out.exists():

@@ -46,7 +46,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from flux2lab.errors import Flux2LabError
-from flux2lab.recipe import PRECISIONS, Recipe, RecipeError
+from flux2lab.recipe import PRECISIONS, Recipe, RecipeError, is_int, is_number
 
 CONFIG_ATTR = "flux2lab"
 CONFIG_VERSION = 1
@@ -174,10 +174,6 @@ FLAG_OF = {"threshold": "--threshold", "ret_steps": "--ret-steps", "cutoff_steps
            "transformer_precision": "--precision"}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def validate_space(space: SearchSpace, base: Recipe, sources: Mapping[str, str] | None = None) -> None:
     """Every value in range and every grid point a valid recipe; errors name the flag or file and the value."""
     sources = sources or {}
@@ -190,13 +186,12 @@ def validate_space(space: SearchSpace, base: Recipe, sources: Mapping[str, str] 
         if repeated:
             raise Flux2LabError(f"{where}: value(s) {', '.join(repeated)} listed more than once.")
         for v in vals:
-            if name == "threshold" and not (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                            and math.isfinite(v) and v >= 0):
+            if name == "threshold" and not (is_number(v) and v >= 0):
                 raise Flux2LabError(f"{where}: threshold {v!r} is invalid; TeaCache thresholds are numbers >= 0.")
-            if name == "ret_steps" and not (_is_int(v) and 0 <= v <= steps):
+            if name == "ret_steps" and not (is_int(v) and 0 <= v <= steps):
                 raise Flux2LabError(f"{where}: ret_steps {v!r} is invalid; give integers from 0 to the step count "
                                     f"({steps} steps; see --steps).")
-            if name == "cutoff_steps" and v is not None and not (_is_int(v) and 0 <= v <= steps):
+            if name == "cutoff_steps" and v is not None and not (is_int(v) and 0 <= v <= steps):
                 raise Flux2LabError(f"{where}: cutoff_steps {v!r} is invalid; give none or integers from 0 to the "
                                     f"step count ({steps} steps; see --steps).")
             if name == "transformer_precision" and v not in PRECISIONS:
@@ -230,7 +225,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if self.sampler not in ("grid", "tpe"):
             raise Flux2LabError(f"sampler {self.sampler!r} is unknown; use grid or tpe.")
-        if self.sampler == "tpe" and not (_is_int(self.n_trials) and self.n_trials > 0):
+        if self.sampler == "tpe" and not (is_int(self.n_trials) and self.n_trials > 0):
             raise Flux2LabError("the TPE sampler needs --n-trials N (N >= 1).")
         if self.quality_metric not in QUALITY_METRICS:
             raise Flux2LabError(f"quality metric {self.quality_metric!r} is unknown; use {', '.join(QUALITY_METRICS)}.")
@@ -609,11 +604,10 @@ class TrialRunner:
             self.pipes.pop(0)
             free_memory()
         pipe = load_pipeline(self.config.model, device=self.device, dtype=self.dtype)
-        core.apply(pipe, recipe.replace(teacache={"enabled": False}))
-        prompt = self.config.prompts[0]
-        # One untimed one-step image: first-call costs (allocation, kernels, compilation) stay out of timings.
-        core.generate(pipe, [core.Prompt(prompt["text"], tuple(prompt["images"]))], [prompt["seed"]],
-                      recipe.replace(steps=1, teacache={"enabled": False}))
+        prompts, seeds = self.prompts()
+        # One untimed one-step image (generate applies the recipe's model changes first): first-call costs
+        # (allocation, kernels, compilation) stay out of timings.
+        core.generate(pipe, prompts[:1], seeds[:1], recipe.replace(steps=1, teacache={"enabled": False}))
         self.pipes.append(pipe)
         return pipe
 
@@ -750,11 +744,19 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec) if math.isfinite(v) else str(v)
 
 
+# Quality metrics the search's table and plot show, where measured.
+SHOWN_METRICS = ("lpips", "psnr", "ssim", "clip_delta")
+
+
+def measured_metrics(trials: Sequence[FrozenTrial], names: Sequence[str] = SHOWN_METRICS) -> list[str]:
+    """Those of `names` that at least one of `trials` measured, in `names`' order."""
+    return [m for m in names if any(m in (t.user_attrs.get("metrics") or {}) for t in trials)]
+
+
 def format_table(trials: Sequence[FrozenTrial], config: StudyConfig) -> str:
     """One row per trial: its parameters, speed and every quality metric it has."""
     params = list(config.space)
-    names = [m for m in ("lpips", "psnr", "ssim", "clip_delta") if any(m in t.user_attrs.get("metrics", {})
-                                                                       for t in trials)]
+    names = measured_metrics(trials)
     head = ["trial", *params, "skipped", "s/img", "speedup", *names]
     rows = [head]
     for t in trials:
@@ -775,7 +777,7 @@ def plot_pareto(study: optuna.Study, config: StudyConfig, path: str | Path) -> P
     if not trials:
         return None
     front = {t.number for t in study.best_trials}
-    names = [m for m in ("lpips", "psnr", "ssim", "clip_delta") if any(m in t.user_attrs["metrics"] for t in trials)]
+    names = measured_metrics(trials)
     speed_attr = SPEED_METRICS[config.speed_metric][0]
     xlabel = "time per image (s)" if config.speed_metric == "time" else "skipped steps (fraction)"
     fig = Figure(figsize=(4.4 * len(names), 3.8))
@@ -805,7 +807,8 @@ def plot_pareto(study: optuna.Study, config: StudyConfig, path: str | Path) -> P
     return path
 
 
-BUDGETS = {"lpips": "max", "psnr": "min", "ssim": "min"}
+# A budget bounds a quality metric on its bad side: at most X where lower is better, at least X where higher is.
+BUDGETS = {k: "max" if direction == "minimize" else "min" for k, direction in QUALITY_METRICS.items()}
 
 
 def describe_budgets(budgets: Mapping[str, float]) -> str:
