@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from flux2lab import metrics
 from flux2lab.cli import run_main
 from flux2lab.errors import Flux2LabError
 from flux2lab.zoo import mini, store, world, yardstick
@@ -143,6 +142,12 @@ def reconstruct(vae, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return ((r + 1) / 2).clamp(0, 1)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-image PSNR (dB) of images in [0, 1]. Not flux2lab.metrics.psnr: importing that module loads
+    open_clip, torchvision and torchmetrics, which the training GPU may lack (see yardstick.frechet_distance)."""
+    return float((10 * torch.log10(1 / ((a - b) ** 2).mean(dim=(1, 2, 3)))).mean())
+
+
 # ------------------------------------------------------------------------------------------- yardstick
 
 
@@ -174,7 +179,7 @@ def yardstick_report(model, vae, n: int, seed: int, device: torch.device) -> dic
     scenes = world.sample_scenes(n, seed, "heldout")
     x = _render(scenes, seed, device)
     recon = reconstruct(vae, x, device)
-    out = {"vae_psnr_db": float(metrics.psnr(recon, x, device=str(device)).mean())}
+    out = {"vae_psnr_db": psnr(recon, x)}
     for name, images in (("real", x), ("vae_reconstruction", recon)):
         seen = yardstick.read(model, images)
         out[f"yardstick_accuracy_{name}"] = float(
