@@ -417,16 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         # Continue the transformer of an earlier run; its VAE, text encoder and yardstick stay as they are.
         cfg = {name: store.read_config(store.path_of(name, args.resume)) for name in store.FILES}
-        text_encoder = store.load_into(
-            mini.build_frozen_text_encoder(cfg["text_encoder"]), store.path_of("text_encoder", args.resume)
-        )
-        vae = store.load_into(mini.build_vae(cfg["vae"]), store.path_of("vae", args.resume)).eval()
-        transformer = store.load_into(
-            mini.build_transformer(cfg["transformer"]), store.path_of("transformer", args.resume)
-        )
-        ys = yardstick.Yardstick(**cfg["yardstick"])
-        ys = store.load_into(ys, store.path_of("yardstick", args.resume)).to(device).eval()
-        pipe = mini.assemble(vae, text_encoder, transformer, cfg["text_encoder"], "mini", None).to(device)
+        pipe = mini.build_mini(str(device), torch.float32, folder=args.resume)
+        vae, text_encoder, transformer = pipe.vae, pipe.text_encoder, pipe.transformer
+        ys = yardstick.load(args.resume, str(device))
         earlier = args.resume / "train_report.json"
         earlier = json.loads(earlier.read_text()) if earlier.is_file() else {}
         report.update(
