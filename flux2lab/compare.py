@@ -8,7 +8,8 @@ from pathlib import Path
 from flux2lab.cli import add_model_args, dtype_of, run_main
 from flux2lab.presets import PRESET_HELP
 
-DEFAULT_METRICS = "lpips,psnr,ssim,fid,clip"
+# What a comparison measures unless told otherwise (the demo and the report use the same list).
+DEFAULT_METRICS = ("lpips", "psnr", "ssim", "fid", "clip")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps for both recipes")
     p.add_argument("--height", type=int, help="image height for both recipes (default: the model's)")
     p.add_argument("--width", type=int, help="image width for both recipes (default: the model's)")
-    p.add_argument("--metrics", default=DEFAULT_METRICS,
-                   help=f"comma-separated metrics (default {DEFAULT_METRICS})")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated metrics (default {','.join(DEFAULT_METRICS)})")
     p.add_argument("--cache", type=Path, default=Path("experiments/image_cache"),
                    help="where generated images are cached (default experiments/image_cache)")
     p.add_argument("--out", type=Path, required=True, help="output folder")

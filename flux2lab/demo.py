@@ -63,8 +63,7 @@ PLANS = {
                  bench_warmup=1),
 }
 # Quality budgets for the freeze, on the study's quality objective.
-BUDGETS = {"lpips": 0.15, "ssim": 0.9, "psnr": 25.0}
-METRICS = ("psnr", "ssim", "lpips", "fid", "clip")
+BUDGETS = {"lpips": 0.15, "ssim": 0.9}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,11 +280,13 @@ class Demo:
     def metric_weights(self) -> None:
         """Which metrics can run here. Those whose weights are not found offline are skipped (never downloaded),
         and the reason is printed and kept for the report."""
+        from flux2lab.compare import DEFAULT_METRICS
         from flux2lab.errors import Flux2LabError
         from flux2lab.metrics import MetricOptions, check_weights
+        from flux2lab.study import BUDGETS as BUDGET_SIDES
 
         options = MetricOptions(device=self.device)
-        names = list(METRICS) + (["yardstick"] if self.model == "mini" else [])
+        names = list(DEFAULT_METRICS) + (["yardstick"] if self.model == "mini" else [])
         self.weights: dict[str, Path | None] = {}
         for name in names:  # one at a time, so each missing file gets its own reason
             try:
@@ -299,7 +300,7 @@ class Demo:
         for name, why in skipped.items():
             self.say(f"  {name}: {why}")
         self.quality_metric = "lpips" if "lpips" in self.weights else "ssim"
-        self.budget_flag = f"{'max' if self.quality_metric == 'lpips' else 'min'}-{self.quality_metric}"
+        self.budget_flag = f"{BUDGET_SIDES[self.quality_metric]}-{self.quality_metric}"
         self.budget = self.args.budget if self.args.budget is not None else BUDGETS[self.quality_metric]
 
     def calibrate(self) -> str:

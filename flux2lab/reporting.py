@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from flux2lab import dist_version
+from flux2lab.compare import DEFAULT_METRICS
 from flux2lab.errors import Flux2LabError
 
 # ---------------------------------------------------------------------------------------------- document
@@ -112,8 +113,6 @@ METRIC_INFO = {
 }
 # Paired quality metrics a search trial can be plotted on (change against the uncached reference).
 TRIAL_METRICS = ("lpips", "psnr", "ssim", "clip_delta", "accuracy_delta", "domain_fid")
-# What compare measures by default; those absent from a comparison were not measured (weights missing).
-STANDARD_METRICS = ("lpips", "psnr", "ssim", "fid", "clip")
 
 
 def model_note(source: str | None) -> str:
@@ -546,7 +545,8 @@ def quality_section(comparisons: Sequence[Path], skipped: dict[str, str]) -> Sec
             rows.append([label, _num(m.get("value")), ci, n, better])
         sec.blocks.append(Table(["metric", "value (mean)", "95% CI", "images", "reads"], rows))
         present = {k.split("_")[0] for k in (data.get("metrics") or {})}
-        absent = [n for n in STANDARD_METRICS if n not in present]
+        # What compare measures by default; those absent from a comparison were not measured (weights missing).
+        absent = [n for n in DEFAULT_METRICS if n not in present]
         if absent:
             why = [skipped[n] for n in absent if n in skipped]  # each message starts with the metric's name
             sec.blocks.append(Text(f"Not measured here: {', '.join(absent)}"

@@ -13,6 +13,7 @@ import pytest
 
 from flux2lab import demo
 from flux2lab.cli import run_main
+from flux2lab.compare import DEFAULT_METRICS
 from flux2lab.errors import Flux2LabError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_every_stage_wrote_its_artefacts_and_they_chain(quick):
     assert metrics["b"]["recipe"]["transformer_precision"] == "nvfp4"
     assert {"psnr", "ssim"} <= set(metrics["metrics"])
     assert all((comparison / p).exists() for p in ("per_prompt.csv", "grid.png", "a", "b"))
-    for name in demo.METRICS:  # each metric was measured, or skipped with the reason
+    for name in DEFAULT_METRICS:  # each metric was measured, or skipped with the reason
         assert name in metrics["metrics"] or "not found" in record["skipped_metrics"][name]
 
     summary = json.loads((out / "run" / "summary.json").read_text())
