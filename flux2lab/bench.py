@@ -12,7 +12,6 @@ every rung, so an interrupted run keeps what it measured). See flux2lab/benchmar
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -73,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from flux2lab.benchmark import Bench, BenchConfig, write_report
 
     words = sys.argv[1:] if argv is None else argv
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = f"torchrun --nproc-per-node={world} -m" if world > 1 else "python -m"
     env = parallel.init(args.device)
+    world = env.world_size
+    launcher = f"torchrun --nproc-per-node={world} -m" if world > 1 else "python -m"
     cfg = BenchConfig(
         model=args.model, device=str(env.device) if world > 1 else args.device, dtype=args.dtype,
         ladder=args.ladder, recipe=args.recipe, precision=args.precision, gpus=args.gpus, steps=args.steps,

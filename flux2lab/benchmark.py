@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from flux2lab import __version__, dist_version
+from flux2lab import __version__, dist_version, parallel
 from flux2lab.cli import dtype_of
 from flux2lab.core import applied_recipe, apply, generate, resolution
 from flux2lab.errors import FeatureNotAvailable, Flux2LabError
@@ -576,10 +575,6 @@ def visible_gpus(device: torch.device) -> int:
     return torch.cuda.device_count() if device.type == "cuda" else 0
 
 
-def _dist_env() -> tuple[int, int]:
-    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-
-
 def _mem(device: torch.device, peak: bool = False) -> float | None:
     if device.type != "cuda":
         return None
@@ -640,7 +635,7 @@ class Bench:
                  say: Callable[[str], None] = print):
         cfg.check()
         self.cfg, self.on_update, self.say = cfg, on_update or (lambda r: None), say
-        self.world, self.rank = _dist_env()
+        self.world, self.rank = parallel.world_size(), parallel.rank()  # (1, 0) outside torchrun
         self.pipe = None
         self.touched = False  # whether the current rung got as far as applying its recipe to the pipeline
         self.load_s: float | None = None
@@ -652,16 +647,15 @@ class Bench:
         changes = {k: getattr(cfg, k) for k in ("steps", "height", "width") if getattr(cfg, k) is not None}
         return recipe.replace(**changes)
 
-    def _ladder(self, device: torch.device) -> tuple[list[Rung], set[str]]:
-        base = self._base()
+    def _ladder(self, base: Recipe, device: torch.device) -> tuple[list[Rung], set[str]]:
         precision = self.cfg.precision or default_precision(device)
         visible = visible_gpus(device)
         ladder = default_ladder(precision, self.cfg.gpus or (max(visible, 2),), base.steps)
         return ladder, select_rungs(ladder, self.cfg.ladder)
 
-    def _plan(self, rungs: list[Rung]) -> SkipPlan | None:
+    def _plan(self, base: Recipe, rungs: list[Rung]) -> SkipPlan | None:
         """The TeaCache skip plan for the ladder's (or the given recipe's) TeaCache rung, if it has one."""
-        recipe = self._base()
+        recipe = base
         for rung in rungs:
             recipe = recipe.replace(**rung.changes)
         if not recipe.teacache.enabled:
@@ -685,8 +679,8 @@ class Bench:
             rungs = [Rung(cfg.recipe.stem, {}, f"recipe {cfg.recipe}")]
             selected = {rungs[0].name}
         else:
-            rungs, selected = self._ladder(device)
-        self.plan = plan = self._plan(rungs)
+            rungs, selected = self._ladder(base, device)
+        self.plan = plan = self._plan(base, rungs)
         t0 = time.perf_counter()
         self.pipe = self._load(cfg.device)
         self.load_s = time.perf_counter() - t0  # reported by the first rung that uses this pipeline
@@ -793,10 +787,8 @@ class Bench:
         else:
             row["reused_pipeline"] = True
         if recipe.ulysses_degree > 1:
-            from flux2lab.parallel import check_sequence
-
-            check_sequence(self.pipe, *resolution(self.pipe, recipe), model_info(self.pipe).max_sequence_length,
-                           recipe.ulysses_degree)
+            parallel.check_sequence(self.pipe, *resolution(self.pipe, recipe),
+                                    model_info(self.pipe).max_sequence_length, recipe.ulysses_degree)
         t0 = time.perf_counter()
         self.touched = True
         apply(self.pipe, recipe)

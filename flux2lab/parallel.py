@@ -125,6 +125,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 @contextlib.contextmanager
 def _cpu_counts_as_one_accelerator(device: torch.device):
     """diffusers picks the context-parallel device as `rank % torch.accelerator.device_count()`, which divides by
