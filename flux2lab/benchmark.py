@@ -222,7 +222,7 @@ def replay(pipe: Any, recipe: Recipe, plan: SkipPlan | None) -> None:
 
 # --- timing --------------------------------------------------------------------------------------------------
 
-class _Clock:
+class DeviceClock:
     """Marks on the device's timeline: CUDA events on a GPU (no synchronisation), the host clock on CPU.
 
     torch.utils.benchmark times whole statements with a host clock around synchronisations; marks inside a
@@ -251,7 +251,7 @@ class _StepMarks:
     """Marks the end of every denoising step by wrapping the pipeline's `scheduler.step` (instance attribute,
     removed on exit)."""
 
-    def __init__(self, pipe: Any, clock: _Clock):
+    def __init__(self, pipe: Any, clock: DeviceClock):
         self.pipe, self.clock, self.marks = pipe, clock, []
 
     def __enter__(self) -> _StepMarks:
@@ -274,7 +274,7 @@ class _StepMarks:
         return [self.clock.seconds(a, b) for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _median_time(clock: _Clock, fn: Callable[..., Any], *args: Any, warmup: int = 3, iters: int = 10,
+def _median_time(clock: DeviceClock, fn: Callable[..., Any], *args: Any, warmup: int = 3, iters: int = 10,
                  **kwargs: Any) -> float:
     for _ in range(warmup):
         fn(*args, **kwargs)
@@ -391,7 +391,7 @@ def step_workload(transformer_config: dict[str, Any], n_image: int, n_text: int)
     )
 
 
-def _fp8_gemm_time(clock: _Clock, a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> float | str:
+def _fp8_gemm_time(clock: DeviceClock, a: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> float | str:
     """Median time of `a @ w.T` as an FP8 E4M3 GEMM with row-wise scales (torchao's FP8 path), or why not."""
     sa = torch.ones(a.shape[0], 1, device=a.device, dtype=torch.float32)
     sb = torch.ones(1, w.shape[0], device=a.device, dtype=torch.float32)
@@ -405,7 +405,7 @@ def _fp8_gemm_time(clock: _Clock, a: torch.Tensor, w: torch.Tensor, dtype: torch
 def measure_floor(work: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Time the step's GEMMs (model dtype, and FP8 row-wise for the layers the precision rung quantizes) and its
     attentions on this card; the floor of a step is their sum."""
-    clock = _Clock(device)
+    clock = DeviceClock(device)
     pieces, fp8_failed = [], []
     for g in work.gemms:
         a = torch.randn(g.m, g.k, device=device, dtype=dtype)
@@ -584,7 +584,7 @@ def _mem(device: torch.device, peak: bool = False) -> float | None:
 def _time_images(pipe: Any, recipe: Recipe, cfg: BenchConfig, device: torch.device,
                  plan: SkipPlan | None = None) -> dict[str, Any]:
     """Warm up, then time `cfg.reps` images of the recipe (checking a replayed TeaCache plan was followed)."""
-    clock = _Clock(device)
+    clock = DeviceClock(device)
     # A TeaCache rung warms up on the full schedule so its skip path is compiled/captured as it will be timed.
     warm = recipe if recipe.teacache.enabled else recipe.replace(steps=min(cfg.warmup_steps, recipe.steps))
     t0 = time.perf_counter()

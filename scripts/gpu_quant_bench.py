@@ -26,6 +26,7 @@ import torch
 from diffusers import Flux2Pipeline
 from torch import nn
 
+from flux2lab.benchmark import DeviceClock
 from flux2lab.cli import run_main
 from flux2lab.errors import Flux2LabError
 from flux2lab.models import (
@@ -81,7 +82,7 @@ def build(config: dict, precision: str, backend: str, device, dtype) -> tuple[nn
     model = build_transformer_on_meta(**config)
     if precision == "bf16":
         return materialize_random(model, device, dtype), None
-    expected, _ = select_layers(model)  # the rule on the full model's names
+    expected, kept = select_layers(model)  # the rule on the full model's names
     blocks = {f"{group}.{i}": b for group in ("transformer_blocks", "single_transformer_blocks")
               for i, b in enumerate(getattr(model, group))}
     for name, child in model.named_children():
@@ -100,29 +101,8 @@ def build(config: dict, precision: str, backend: str, device, dtype) -> tuple[nn
     rest = module_bytes(model) - total.bytes_after
     total.bytes_before += rest
     total.bytes_after += rest
-    selected = set(expected)
-    total.kept = {n: "default rule" for n, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and n not in selected}
+    total.kept = kept
     return model, total
-
-
-class Timer:
-    """Per-call wall time: CUDA events on a GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
 
 
 def run_variant(name: str, args, config: dict, device: torch.device, dtype) -> dict:
@@ -138,15 +118,24 @@ def run_variant(name: str, args, config: dict, device: torch.device, dtype) -> d
     inputs = make_inputs(model.config, args.height, args.width, args.text_tokens, device, dtype)
     if compiled:
         model.compile_repeated_blocks(fullgraph=True)
-    timer = Timer(device)
+    clock = DeviceClock(device)
+
+    def forward_ms() -> float:
+        """One forward's time (CUDA events on a GPU), synchronised before it returns."""
+        start = clock.mark()
+        model(**inputs)
+        end = clock.mark()
+        clock.sync()
+        return clock.seconds(start, end) * 1e3
+
     with torch.no_grad():
         t0 = time.perf_counter()
         for _ in range(max(args.warmup, 3 if compiled else 1)):
-            timer(lambda: model(**inputs))
+            forward_ms()
         warmup_s = time.perf_counter() - t0
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        times = [timer(lambda: model(**inputs)) for _ in range(args.steps)]
+        times = [forward_ms() for _ in range(args.steps)]
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
     row = {
         "variant": name, "precision": precision, "backend": report.backend if report else "none",

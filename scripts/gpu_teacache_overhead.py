@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -57,40 +56,21 @@ def transformer_inputs(pipe, size: int) -> dict:
                 "guidance": torch.full([1], 4.0, device=t.device, dtype=torch.float32), "return_dict": False}
 
 
-class Timer:
-    """Per-call device time: CUDA events on GPU (the gaps a host sync opens are inside), wall time on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.pairs: list = []
-
-    def __call__(self, fn, **kwargs) -> None:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(**kwargs)
-            end.record()
-            self.pairs.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            fn(**kwargs)
-            self.pairs.append(time.perf_counter() - t0)
-
-    def ms(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [s.elapsed_time(e) for s, e in self.pairs]
-        return [1000 * s for s in self.pairs]
-
-
 @torch.no_grad()
 def run_image(transformer, inputs: dict, steps: int) -> list[float]:
     """One image's worth of steps (timestep 1 -> 1/steps); returns each step's time in ms."""
-    timer = Timer(transformer.device)
+    from flux2lab.benchmark import DeviceClock
+
+    # CUDA events on a GPU: the gaps a host sync opens inside a step are counted; wall time on CPU.
+    clock = DeviceClock(transformer.device)
+    spans = []
     for i in range(steps):
         t = torch.full([1], 1.0 - i / steps, device=transformer.device, dtype=transformer.dtype)
-        timer(transformer, timestep=t, **inputs)
-    return timer.ms()
+        start = clock.mark()
+        transformer(timestep=t, **inputs)
+        spans.append((start, clock.mark()))
+    clock.sync()
+    return [clock.seconds(a, b) * 1e3 for a, b in spans]
 
 
 def measure(pipe, size: int, steps: int, warmup: int, rounds: int) -> dict:
