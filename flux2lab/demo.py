@@ -361,8 +361,7 @@ class Demo:
         config = st.StudyConfig(
             model=self.model, base_recipe=base.to_dict(), space=space.to_dict(),
             calibration=calibration_record(fit_path, coefficients),
-            prompts=tuple({"id": e.id, "text": e.prompt.text, "images": list(e.prompt.images), "seed": s}
-                          for e, s in zip(entries, seeds)),
+            prompts=st.prompt_records(entries, seeds),
             quality_metric=self.quality_metric, speed_metric=self.speed_metric)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are summarised below, failures in notes
         self.storage_url = st.default_storage(self.out)

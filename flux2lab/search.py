@@ -146,8 +146,7 @@ def _config_from_args(args, weights):
         quality = "lpips" if "lpips" in weights else "ssim"
     return st.StudyConfig(
         model=model, base_recipe=base.to_dict(), space=space.to_dict(), calibration=calibration,
-        prompts=tuple({"id": e.id, "text": e.prompt.text, "images": list(e.prompt.images), "seed": s}
-                      for e, s in zip(entries, seeds)),
+        prompts=st.prompt_records(entries, seeds),
         sampler=args.sampler or "grid", n_trials=args.n_trials, sampler_seed=args.sampler_seed or 0,
         quality_metric=quality, speed_metric=args.speed_metric or "time",
     )

@@ -40,13 +40,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from flux2lab.errors import Flux2LabError
 from flux2lab.recipe import PRECISIONS, Recipe, RecipeError, is_int, is_number
+
+if TYPE_CHECKING:
+    from flux2lab.prompts import PromptEntry
 
 CONFIG_ATTR = "flux2lab"
 CONFIG_VERSION = 1
@@ -269,6 +272,12 @@ class StudyConfig:
 # -------------------------------------------------------------------------------------------- storage
 
 
+def prompt_records(entries: Sequence[PromptEntry], seeds: Sequence[int]) -> tuple[dict[str, Any], ...]:
+    """Prompts and seeds as a study's configuration stores them (JSON, so every worker reads the same set)."""
+    return tuple({"id": e.id, "text": e.prompt.text, "images": list(e.prompt.images), "seed": s}
+                 for e, s in zip(entries, seeds))
+
+
 def default_storage(experiments: str | Path) -> str:
     path = Path(experiments).resolve() / "studies.db"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -429,11 +438,17 @@ class Status:
         return self.open > 0 or self.waiting > 0
 
 
-def status(study: optuna.Study, config: StudyConfig) -> Status:
+def _counted_trials(study: optuna.Study, config: StudyConfig) -> list[FrozenTrial]:
     trials = study.get_trials(deepcopy=False)
     # A grid trial killed inside `ask`, before GridSampler gave it a point, stays RUNNING without one: ignored.
     if config.sampler == "grid":
         trials = [t for t in trials if "grid_id" in t.system_attrs]
+    return trials
+
+
+def status(study: optuna.Study, config: StudyConfig, trials: list[FrozenTrial] | None = None) -> Status:
+    """`trials`: a snapshot of `_counted_trials` already read (else the storage is read)."""
+    trials = _counted_trials(study, config) if trials is None else trials
     retried = {t.user_attrs.get("retry_of") for t in trials}
     st = Status(total=config.total)
     st.running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -499,12 +514,10 @@ def recover(study: optuna.Study, config: StudyConfig, *, retry_failed: bool = Fa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    trials = study.get_trials(deepcopy=False)
-    if config.sampler == "grid":
-        trials = [t for t in trials if "grid_id" in t.system_attrs]
+    trials = _counted_trials(study, config)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     taken = {point_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
-    budget = status(study, config).open if config.sampler == "tpe" else math.inf
+    budget = status(study, config, trials).open if config.sampler == "tpe" else math.inf
     for t in trials:
         if t.state != TrialState.FAIL or t.number in retried or point_of(t) in taken:
             continue
@@ -612,6 +625,7 @@ class TrialRunner:
         return pipe
 
     def prompts(self):
+        """The study's prompts and seeds, as `generate` takes them (the inverse of `prompt_records`)."""
         from flux2lab.core import Prompt
 
         entries = self.config.prompts
