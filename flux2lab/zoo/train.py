@@ -324,7 +324,7 @@ def save_samples(path: Path, real: torch.Tensor, generated, columns: int = 8) ->
 def evaluate_all(out: Path, yardstick_model, n: int, steps: int, device: torch.device, seed: int) -> dict:
     from flux2lab.models import default_dtype, load_pipeline
     from flux2lab.recipe import Recipe
-    from flux2lab.zoo.evaluate import evaluate, real_images
+    from flux2lab.zoo.evaluate import FLOOR_SEED, evaluate, real_images
 
     real = real_images(max(n, 500))
     recipe = Recipe(steps=steps)
@@ -332,7 +332,7 @@ def evaluate_all(out: Path, yardstick_model, n: int, steps: int, device: torch.d
         "steps": steps,
         "n": n,
         "domain_fid_real_vs_real": yardstick.domain_fid(
-            yardstick_model, real, real_images(max(n, 500), seed=20_000)
+            yardstick_model, real, real_images(max(n, 500), seed=FLOOR_SEED)
         ),
     }
     for name, loader in (
