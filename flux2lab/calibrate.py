@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, dtype_of, run_main
+from flux2lab.cli import add_model_args, run_main
 
 DEFAULT_SET = Path("calibration_data/calibration.jsonl")
 
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flux2lab import calibration
-    from flux2lab.errors import Flux2LabError
-    from flux2lab.prompts import load_prompts, seeds_for
+    from flux2lab.common.errors import Flux2LabError
+    from flux2lab.pipeline.prompts import load_prompts, seeds_for
 
     run_dir = args.out / args.name
     if not args.fit_only:
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = seeds_for(entries, args.seed)
         recipe = calibration.recording_recipe(args.steps, args.height, args.width)
 
-        from flux2lab.models import load_pipeline
+        from flux2lab.pipeline.models import load_pipeline
 
-        pipe = load_pipeline(args.model, device=args.device, dtype=dtype_of(args.dtype))
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
         result = calibration.record(pipe, entries, seeds, run_dir, recipe, model=args.model,
                                     manifest=args.prompts, shard=shard, progress=True)
         print(f"shard {shard[0]}/{shard[1]}: recorded {result.recorded} prompt(s), {result.skipped} already done.")

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, dtype_of, run_main
-from flux2lab.presets import PRESET_HELP
-
-# What a comparison measures unless told otherwise (the demo and the report use the same list).
-DEFAULT_METRICS = ("lpips", "psnr", "ssim", "fid", "clip")
+from flux2lab.cli import add_model_args, run_main
+from flux2lab.pipeline.presets import PRESET_HELP
+from flux2lab.quality.comparison import DEFAULT_METRICS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flux2lab.errors import Flux2LabError
+    from flux2lab.common.errors import Flux2LabError
     from flux2lab.metrics import check_weights, weight_paths
-    from flux2lab.presets import resolve_recipe
-    from flux2lab.prompts import load_prompts, seeds_for
-    from flux2lab.quality import compare
+    from flux2lab.pipeline.presets import resolve_recipe
+    from flux2lab.pipeline.prompts import load_prompts, seeds_for
+    from flux2lab.quality.comparison import compare
 
     # Everything the user can get wrong is checked before the first image is generated.
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     b = resolve_recipe(args.b).replace(**overrides)
 
     result = compare(args.model, a, b, entries, seeds, weights, args.cache, labels=(args.a, args.b),
-                     device=args.device, dtype=dtype_of(args.dtype))
+                     device=args.device, dtype=args.dtype)
     paths = result.write(args.out)
     print(f"{args.model}: A = {args.a}, B = {args.b}, {len(entries)} prompts "
           f"({result.generated[0]} + {result.generated[1]} images generated, the rest from the cache)")

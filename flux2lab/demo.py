@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flux2lab.cli import add_model_args, dtype_of, run_main
+from flux2lab.cli import add_model_args, run_main
 
 DATA = Path(__file__).resolve().parents[1] / "calibration_data"  # the checkout's prompt sets
 # Everything the demo writes under --out; a rerun into the same folder replaces exactly these.
@@ -100,8 +100,8 @@ def default_model() -> str:
 
 
 def choose_plan(model: str, device: str, quick: bool) -> Plan:
-    from flux2lab.errors import Flux2LabError
-    from flux2lab.models import BUILTIN
+    from flux2lab.common.errors import Flux2LabError
+    from flux2lab.pipeline.models import BUILTIN
 
     if model == "full-random":
         raise Flux2LabError("model 'full-random' has no VAE, so quality cannot be measured; the demo needs a model "
@@ -118,7 +118,7 @@ def choose_plan(model: str, device: str, quick: bool) -> Plan:
 
 def prepare_out(out: Path) -> None:
     """Start from a clean folder: replace a previous demo's parts, never anything else."""
-    from flux2lab.errors import Flux2LabError
+    from flux2lab.common.errors import Flux2LabError
 
     if out.exists() and not out.is_dir():
         raise Flux2LabError(f"--out {out} is a file; give a folder.")
@@ -138,9 +138,9 @@ def prepare_out(out: Path) -> None:
 def prompt_sets(model: str, plan: Plan) -> dict[str, list]:
     """PromptEntry lists per stage: the mini world's held-out captions for `mini` (its yardstick can score
     them); the checkout's calibration set (text-to-image and multi-reference) and quality set otherwise."""
-    from flux2lab.core import Prompt
-    from flux2lab.errors import Flux2LabError
-    from flux2lab.prompts import PromptEntry, load_prompts
+    from flux2lab.common.errors import Flux2LabError
+    from flux2lab.pipeline.core import Prompt
+    from flux2lab.pipeline.prompts import PromptEntry, load_prompts
 
     if model == "mini":
         from flux2lab.zoo.world import sample_scenes
@@ -199,7 +199,7 @@ class Demo:
     def __init__(self, args: argparse.Namespace, model: str, device: str, plan: Plan, say: Callable[[str], None]):
         self.args, self.model, self.device, self.plan, self.say = args, model, device, plan, say
         self.out: Path = args.out
-        self.dtype = dtype_of(args.dtype)
+        self.dtype = args.dtype
         self.common = ["--model", model] + (["--device", args.device] if args.device else []) + (
             ["--dtype", args.dtype] if args.dtype else [])
         size = ["--height", str(plan.size), "--width", str(plan.size)] if plan.size else []
@@ -242,7 +242,7 @@ class Demo:
     def run(self) -> Path:
         self.sets = prompt_sets(self.model, self.plan)
         self.manifests = {}
-        from flux2lab.prompts import seeds_for
+        from flux2lab.pipeline.prompts import seeds_for
 
         for name, entries in self.sets.items():
             seeds = seeds_for(entries, 0)
@@ -273,16 +273,16 @@ class Demo:
         return sorted({max(1, round(f * self.plan.steps)) for f in self.plan.ret_steps_fractions})
 
     def recipe(self):
-        from flux2lab.recipe import Recipe
+        from flux2lab.pipeline.recipe import Recipe
 
         return Recipe(steps=self.plan.steps, height=self.plan.size, width=self.plan.size)
 
     def metric_weights(self) -> None:
         """Which metrics can run here. Those whose weights are not found offline are skipped (never downloaded),
         and the reason is printed and kept for the report."""
-        from flux2lab.compare import DEFAULT_METRICS
-        from flux2lab.errors import Flux2LabError
+        from flux2lab.common.errors import Flux2LabError
         from flux2lab.metrics import MetricOptions, check_weights
+        from flux2lab.quality.comparison import DEFAULT_METRICS
         from flux2lab.study import BUDGETS as BUDGET_SIDES
 
         options = MetricOptions(device=self.device)
@@ -305,7 +305,7 @@ class Demo:
 
     def calibrate(self) -> str:
         from flux2lab import calibration
-        from flux2lab.models import free_memory, load_pipeline
+        from flux2lab.pipeline.models import free_memory, load_pipeline
 
         entries, seeds = self.sets["calibration"], self.manifests["calibration"][1]
         recipe = calibration.recording_recipe(self.plan.steps, self.plan.size, self.plan.size)
@@ -349,9 +349,9 @@ class Demo:
         import optuna
 
         from flux2lab import study as st
-        from flux2lab.frozen import calibration_record
-        from flux2lab.models import free_memory
-        from flux2lab.presets import coefficients_from_fit
+        from flux2lab.pipeline.frozen import calibration_record
+        from flux2lab.pipeline.models import free_memory
+        from flux2lab.pipeline.presets import coefficients_from_fit
 
         fit_path = self.path("calibration", STUDY, "fit.json")
         coefficients = coefficients_from_fit(fit_path)
@@ -385,8 +385,8 @@ class Demo:
 
     def compare(self) -> str:
         from flux2lab.metrics import MetricOptions
-        from flux2lab.models import free_memory
-        from flux2lab.quality import compare
+        from flux2lab.pipeline.models import free_memory
+        from flux2lab.quality.comparison import compare
 
         base = self.recipe()
         entries, seeds = self.sets["quality"], self.manifests["quality"][1]
@@ -403,7 +403,7 @@ class Demo:
 
     def freeze(self) -> str:
         from flux2lab import study as st
-        from flux2lab.errors import Flux2LabError
+        from flux2lab.common.errors import Flux2LabError
 
         budgets = {self.quality_metric: self.budget}
         try:
@@ -427,7 +427,7 @@ class Demo:
 
     def run_frozen(self) -> str:
         from flux2lab import run
-        from flux2lab.models import free_memory
+        from flux2lab.pipeline.models import free_memory
 
         # The runner's library is its main(): called in this process, not as a subprocess.
         with self.log("run"):
@@ -443,7 +443,7 @@ class Demo:
 
     def bench(self) -> str:
         from flux2lab.benchmark import Bench, BenchConfig, write_report
-        from flux2lab.models import free_memory
+        from flux2lab.pipeline.models import free_memory
 
         out = self.path("bench")
         cfg = BenchConfig(model=self.model, device=self.args.device, dtype=self.args.dtype, steps=self.plan.steps,
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     import torch
 
-    from flux2lab.models import BUILTIN, default_device
+    from flux2lab.pipeline.models import BUILTIN, default_device
 
     model = args.model or default_model()
     device = args.device or default_device()

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, dtype_of, run_main
+from flux2lab.cli import add_model_args, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flux2lab.core import Prompt, generate
-    from flux2lab.errors import Flux2LabError
-    from flux2lab.models import load_pipeline, model_info
-    from flux2lab.prompts import load_prompts, seeds_for
-    from flux2lab.recipe import Recipe
+    from flux2lab.common.errors import Flux2LabError
+    from flux2lab.pipeline.core import Prompt, generate
+    from flux2lab.pipeline.models import load_pipeline, model_info
+    from flux2lab.pipeline.prompts import load_prompts, seeds_for
+    from flux2lab.pipeline.recipe import Recipe
 
     entries = load_prompts(args.prompts) if args.prompts else []
     prompts = [e.prompt for e in entries] + [Prompt(t) for t in args.prompt]
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "height", "width") if getattr(args, k) is not None}
     recipe = recipe.replace(**overrides) if overrides else recipe
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype_of(args.dtype))
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     result = generate(pipe, prompts, seeds, recipe, time_steps=True, progress=True)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flux2lab.errors import Flux2LabError
+    from flux2lab.common.errors import Flux2LabError
     from flux2lab.reporting import build, write
 
     if args.experiments is None and not args.bench and not args.storage:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flux2lab.cli import dtype_of, run_main
+from flux2lab.cli import run_main
 
 RECORDS = "records.jsonl"
 SUMMARY = "summary.json"
@@ -69,7 +69,7 @@ def _done(out: Path, sha256: str) -> set[tuple[str, int]]:
     if not path.is_file():
         return set()
     done = set()
-    from flux2lab.errors import Flux2LabError
+    from flux2lab.common.errors import Flux2LabError
 
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         try:
@@ -122,11 +122,11 @@ def _run(args: argparse.Namespace, env: Any) -> int:
     from tqdm.auto import tqdm
 
     from flux2lab import parallel
-    from flux2lab.core import generate, resolution
-    from flux2lab.errors import Flux2LabError
-    from flux2lab.frozen import load_frozen
-    from flux2lab.models import load_pipeline, model_info
-    from flux2lab.prompts import load_prompts, seeds_for
+    from flux2lab.common.errors import Flux2LabError
+    from flux2lab.pipeline.core import generate, resolution
+    from flux2lab.pipeline.frozen import load_frozen
+    from flux2lab.pipeline.models import load_pipeline, model_info
+    from flux2lab.pipeline.prompts import load_prompts, seeds_for
 
     def say(msg: str) -> None:
         if env.is_main:
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace, env: Any) -> int:
             f"with {env.world_size} process(es), so Ulysses degree {env.world_size}.")
         recipe = recipe.replace(ulysses_degree=env.world_size)
 
-    pipe = load_pipeline(args.model or frozen.model.source, device=str(env.device), dtype=dtype_of(args.dtype))
+    pipe = load_pipeline(args.model or frozen.model.source, device=str(env.device), dtype=args.dtype)
     info = model_info(pipe)
     for warning in frozen.model_warnings(info):
         say(f"warning: {warning}")
@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace, env: Any) -> int:
         made.append(row)
 
     if env.is_main:
-        from flux2lab.cudagraphs import graphs_of
+        from flux2lab.hooks.cudagraphs import graphs_of
 
         graphs = graphs_of(pipe.transformer)
         walls = [r["wall_s"] for r in made]

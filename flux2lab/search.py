@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from flux2lab.cli import DEFAULT_MODEL, add_model_args, dtype_of, run_main
-from flux2lab.errors import Flux2LabError
+from flux2lab.cli import DEFAULT_MODEL, add_model_args, run_main
+from flux2lab.common.errors import Flux2LabError
 
 # Options that define a study (stored in it). Given on a rerun, they must match; left out, the stored ones hold.
 DEFINING = ("model", "prompts", "seed", "recipe", "steps", "height", "width", "calibration", "grid", "threshold",
@@ -115,10 +115,10 @@ def _metric_weights(args, quality_metric: str | None):
 
 def _config_from_args(args, weights):
     from flux2lab import study as st
-    from flux2lab.frozen import calibration_record
-    from flux2lab.presets import coefficients_from_fit
-    from flux2lab.prompts import load_prompts, seeds_for
-    from flux2lab.recipe import Recipe
+    from flux2lab.pipeline.frozen import calibration_record
+    from flux2lab.pipeline.presets import coefficients_from_fit
+    from flux2lab.pipeline.prompts import load_prompts, seeds_for
+    from flux2lab.pipeline.recipe import Recipe
 
     if args.prompts is None:
         raise Flux2LabError("give --prompts FILE: the prompts each trial generates (and the reference is made of).")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         st.recover(study, config, retry_failed=True, notify=say)
     procs, device = _spawn(args, storage_url) if args.workers > 1 else ([], args.device)
     try:
-        runner = st.TrialRunner(study, config, _study_dir(args), device=device, dtype=dtype_of(args.dtype),
+        runner = st.TrialRunner(study, config, _study_dir(args), device=device, dtype=args.dtype,
                                 weights=weights, keep_pipelines=args.keep_pipelines, progress=not args.quiet)
         status = st.run_worker(study, config, runner, on_update=update, notify=say)
         while any(p.poll() is None for p in procs):  # they finish their last trials

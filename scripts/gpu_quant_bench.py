@@ -28,15 +28,15 @@ from torch import nn
 
 from flux2lab.benchmark import DeviceClock
 from flux2lab.cli import run_main
-from flux2lab.errors import Flux2LabError
-from flux2lab.models import (
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.pipeline.models import (
     FULL_TEXT_TOKENS,
     TINY_TRANSFORMER,
     build_transformer_on_meta,
     free_memory,
     materialize_random,
 )
-from flux2lab.quant import QuantReport, module_bytes, quantize, select_layers
+from flux2lab.quantizers import QuantReport, module_bytes, quantize, select_layers
 
 # name -> (precision, backend, compile). FP8 "auto" is torchao's real kernel on sm89+ (emulated on CPU).
 VARIANTS = {

@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def freeze_configs(args: argparse.Namespace) -> dict[bool, Path]:
-    from flux2lab.frozen import freeze
-    from flux2lab.recipe import Recipe
+    from flux2lab.pipeline.frozen import freeze
+    from flux2lab.pipeline.recipe import Recipe
 
     recipe = Recipe(height=args.size, width=args.size, steps=args.steps).replace(
         teacache={"enabled": not args.no_teacache, "ret_steps": min(10, args.steps)})

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def transformer_inputs(pipe, size: int) -> dict:
     """The transformer's inputs for one 1-image step at `size` x `size`, built by the pipeline's own helpers."""
-    from flux2lab.core import synthetic_prompt_embeds
+    from flux2lab.pipeline.core import synthetic_prompt_embeds
 
     t = pipe.transformer
     latents, latent_ids = pipe.prepare_latents(1, t.config.in_channels // 4, size, size, t.dtype, t.device,
@@ -74,7 +74,7 @@ def run_image(transformer, inputs: dict, steps: int) -> list[float]:
 
 
 def measure(pipe, size: int, steps: int, warmup: int, rounds: int) -> dict:
-    from flux2lab import teacache
+    from flux2lab.hooks import teacache
 
     t = pipe.transformer
     inputs = transformer_inputs(pipe, size)
@@ -132,7 +132,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flux2lab.cli import quiet_libraries
-    from flux2lab.models import load_pipeline, model_info
+    from flux2lab.pipeline.models import load_pipeline, model_info
 
     quiet_libraries()
     if args.warmup >= args.steps:

@@ -44,6 +44,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """A shared tiny pipeline: tests that apply model-changing recipes must load their own."""
-    from flux2lab.models import load_pipeline
+    from flux2lab.pipeline.models import load_pipeline
 
     return load_pipeline("tiny", device="cpu")

@@ -18,9 +18,9 @@ from flux2lab.benchmark import (
     spread_skips,
     step_workload,
 )
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.models import build_transformer_on_meta
-from flux2lab.recipe import FLUX2_DEV_RET_STEPS, Recipe
+from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.pipeline.models import build_transformer_on_meta
+from flux2lab.pipeline.recipe import FLUX2_DEV_RET_STEPS, Recipe
 
 LADDER = ["eager-bf16", "compile", "+cuda-graphs", "+fp8", "+teacache", "x2-gpus"]
 
@@ -71,7 +71,7 @@ def test_tiny_ladder_runs_what_cpu_can_and_says_why_not_the_rest(tmp_path, no_ne
     assert multi["status"] == "skipped" and "torchrun --standalone --nproc-per-node=2" in multi["reason"]
     assert (out / "x2-gpus" / "recipe.json").is_file(), "the printed torchrun command needs its recipe file"
     tc = rungs["+teacache"]
-    if tc["status"] == "ok":  # once flux2lab.teacache can replay a schedule
+    if tc["status"] == "ok":  # once flux2lab.hooks.teacache can replay a schedule
         assert tc["teacache"].startswith("replayed schedule: 1/4") and tc["skipped_steps"] == [2]
         assert tc["without"] == ["+cuda-graphs", "+fp8"] and tc["recipe"]["compile"] is True
         assert tc.get("reused_pipeline"), "a TeaCache-only change must not reload and recompile"

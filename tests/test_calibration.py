@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flux2lab import calibrate, calibration, teacache
+from flux2lab import calibrate, calibration
 from flux2lab.calibration import Samples
-from flux2lab.errors import Flux2LabError
-from flux2lab.prompts import load_prompts
-from flux2lab.recipe import FLUX2_DEV_COEFFICIENTS
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.hooks import teacache
+from flux2lab.pipeline.prompts import load_prompts
+from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SET = ROOT / "calibration_data" / "calibration.jsonl"

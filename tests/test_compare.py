@@ -8,10 +8,10 @@ import math
 
 import pytest
 
+from flux2lab.common.errors import Flux2LabError
 from flux2lab.compare import main
-from flux2lab.errors import Flux2LabError
-from flux2lab.presets import resolve_recipe
-from flux2lab.recipe import FLUX2_DEV_COEFFICIENTS, Recipe
+from flux2lab.pipeline.presets import resolve_recipe
+from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS, Recipe
 
 
 def run(argv):

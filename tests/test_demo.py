@@ -13,8 +13,8 @@ import pytest
 
 from flux2lab import demo
 from flux2lab.cli import run_main
-from flux2lab.compare import DEFAULT_METRICS
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.quality.comparison import DEFAULT_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["calibrate", "fit", "search", "compare", "freeze", "run", "bench", "report"]
@@ -47,7 +47,7 @@ def test_each_stage_prints_one_line_and_the_last_line_says_where_the_report_is(q
 
 
 def test_every_stage_wrote_its_artefacts_and_they_chain(quick):
-    from flux2lab.frozen import load_frozen
+    from flux2lab.pipeline.frozen import load_frozen
 
     out, _ = quick
     cal = out / "calibration" / "demo"

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from flux2lab.core import Prompt, apply, generate
-from flux2lab.errors import Flux2LabError
-from flux2lab.models import build_transformer_on_meta, load_pipeline
-from flux2lab.recipe import Recipe, RecipeError
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.pipeline.core import Prompt, apply, generate
+from flux2lab.pipeline.models import build_transformer_on_meta, load_pipeline
+from flux2lab.pipeline.recipe import Recipe, RecipeError
 
 FAST = Recipe(steps=3)
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from flux2lab.frozen import (
+from flux2lab.frozen import main
+from flux2lab.pipeline.frozen import (
     FORMAT,
     SCHEMA_VERSION,
     FrozenConfigError,
@@ -16,10 +17,9 @@ from flux2lab.frozen import (
     canonical_json,
     freeze,
     load_frozen,
-    main,
 )
-from flux2lab.models import ModelInfo
-from flux2lab.recipe import Recipe
+from flux2lab.pipeline.models import ModelInfo
+from flux2lab.pipeline.recipe import Recipe
 
 RECIPE = Recipe(steps=20, height=512, width=512).replace(
     teacache={"enabled": True, "threshold": 0.08, "ret_steps": 4})

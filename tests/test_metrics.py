@@ -23,7 +23,7 @@ from torch import nn
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
 from flux2lab import metrics
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"

@@ -1,4 +1,4 @@
-"""flux2lab.quant: NVFP4/FP8 numerics against torchao, NVIDIA's layer rule, memory, errors, quality order."""
+"""flux2lab.quantizers: NVFP4/FP8 numerics against torchao, NVIDIA's layer rule, memory, errors, quality order."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.models import build_transformer_on_meta
-from flux2lab.quant import (
+from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.pipeline.models import build_transformer_on_meta
+from flux2lab.quantizers import (
     E2M1_PAIRS,
     FLUX2_DEV_KEEP,
     NVIDIA_FLUX2_DEV_INCLUDE,
@@ -283,9 +283,9 @@ def test_auto_emulates_without_the_kernels():
 
 
 def test_tiny_pipeline_nvfp4_differs_more_than_fp8():
-    from flux2lab.core import generate
-    from flux2lab.models import load_pipeline
-    from flux2lab.recipe import Recipe
+    from flux2lab.pipeline.core import generate
+    from flux2lab.pipeline.models import load_pipeline
+    from flux2lab.pipeline.recipe import Recipe
 
     pipe = load_pipeline("tiny", device="cpu")
     original = pipe.transformer

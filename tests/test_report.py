@@ -16,7 +16,7 @@ from PIL import Image
 
 from flux2lab import reporting
 from flux2lab.cli import run_main
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 SECTIONS = ("calibration", "search", "quality", "run", "speed", "provenance")
 ROOT = Path(__file__).resolve().parents[1]

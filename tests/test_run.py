@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from flux2lab import cudagraphs, parallel, run, teacache
-from flux2lab.core import apply, generate
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.frozen import freeze
-from flux2lab.models import load_pipeline
-from flux2lab.recipe import Recipe
+from flux2lab import parallel, run
+from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.hooks import cudagraphs, teacache
+from flux2lab.pipeline.core import apply, generate
+from flux2lab.pipeline.frozen import freeze
+from flux2lab.pipeline.models import load_pipeline
+from flux2lab.pipeline.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox", "a blue bird"]

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from flux2lab import search
 from flux2lab import study as st
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["--threshold", "0.05,0.2,0.5", "--ret-steps", "0,1"]  # 3 x 2
@@ -69,8 +69,8 @@ def complete_per_point(study: optuna.Study) -> Counter:
 
 
 def test_grid_runs_each_point_once_prints_pareto_and_freezes_the_fastest_within_budget(inputs, capsys):
-    from flux2lab.frozen import load_frozen
-    from flux2lab.recipe import Recipe
+    from flux2lab.pipeline.frozen import load_frozen
+    from flux2lab.pipeline.recipe import Recipe
 
     tmp, _, _ = inputs
     search.main(cli(tmp, "g"))
@@ -120,7 +120,7 @@ def test_trials_that_raise_or_make_nan_images_fail_with_their_reason_and_the_stu
                                                                                             capsys):
     import torch
 
-    from flux2lab import core
+    from flux2lab.pipeline import core
 
     tmp, _, _ = inputs
     real_generate = core.generate
@@ -242,7 +242,7 @@ WORKER = textwrap.dedent("""
 
 def test_two_worker_processes_on_one_sqlite_study_share_the_grid_without_duplicates(tmp_path):
     """Storage-level race: two processes claim grid points at the same moment (model work stubbed out)."""
-    from flux2lab.recipe import Recipe
+    from flux2lab.pipeline.recipe import Recipe
 
     url = st.default_storage(tmp_path)
     base = Recipe(steps=6)
@@ -302,7 +302,7 @@ def test_spawned_workers_get_one_gpu_each(monkeypatch, tmp_path):
     (["--quality-metric", "lpips"], r"lpips: weight file alexnet-owt-7be5be79.pth not found"),
 ])
 def test_bad_input_fails_before_model_work(inputs, monkeypatch, extra, message):
-    from flux2lab import models
+    from flux2lab.pipeline import models
 
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("model work before the error"))
     tmp, _, _ = inputs
@@ -311,7 +311,7 @@ def test_bad_input_fails_before_model_work(inputs, monkeypatch, extra, message):
 
 
 def test_bad_grid_file_calibration_and_changed_settings_fail_before_model_work(inputs, monkeypatch):
-    from flux2lab import models
+    from flux2lab.pipeline import models
 
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("model work before the error"))
     tmp, _, fit = inputs

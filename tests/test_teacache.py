@@ -14,12 +14,12 @@ import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
 
-from flux2lab import teacache
-from flux2lab.core import Prompt, apply, generate
-from flux2lab.errors import Flux2LabError
-from flux2lab.models import TINY_TRANSFORMER
-from flux2lab.recipe import FLUX2_DEV_COEFFICIENTS, Recipe
-from flux2lab.teacache import TeaCacheConfig
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.hooks import teacache
+from flux2lab.hooks.teacache import TeaCacheConfig
+from flux2lab.pipeline.core import Prompt, apply, generate
+from flux2lab.pipeline.models import TINY_TRANSFORMER
+from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS, Recipe
 
 IDENTITY = (1.0, 0.0)  # rescaled distance = rel_l1
 LOG_KEYS = {"step", "timestep", "rel_l1", "rescaled", "accumulator", "computed", "reason", "replayed"}

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from flux2lab.core import generate
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.recipe import Recipe
+from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.pipeline.core import generate
+from flux2lab.pipeline.recipe import Recipe
 from flux2lab.zoo import mini, store, world, yardstick
 from flux2lab.zoo.evaluate import evaluate, heldout_prompts, real_images
 
@@ -70,7 +70,7 @@ def test_a_prompt_outside_the_world_is_a_clear_error(caption):
 
 def test_caption_words_are_single_tokens():
     """Each word of the world is one token of the offline tokenizer (not spelled out letter by letter)."""
-    from flux2lab.tokenizer import UNK_ID, build_tokenizer
+    from flux2lab.pipeline.tokenizer import UNK_ID, build_tokenizer
 
     tok = build_tokenizer()
     words = {w for s in world.sample_scenes(300, seed=0, split="all") for w in s.caption.split()}
@@ -217,7 +217,7 @@ def test_missing_weights_name_the_training_command(tmp_path):
 
 
 def test_mini_is_a_builtin_model():
-    from flux2lab.models import BUILTIN, load_pipeline
+    from flux2lab.pipeline.models import BUILTIN, load_pipeline
 
     assert "mini" in BUILTIN
     if not TRAINED:
@@ -237,7 +237,7 @@ def test_yardstick_metric_is_registered():
 @pytest.fixture(scope="module")
 def mini_pipe():
     """Shared and read-only: tests that change the model (precision) load their own."""
-    from flux2lab.models import load_pipeline
+    from flux2lab.pipeline.models import load_pipeline
 
     return load_pipeline("mini", device="cpu")
 
@@ -260,7 +260,7 @@ def test_mini_follows_prompts_and_looks_like_the_world(mini_pipe, no_network):
     real = real_images(300)
     ev = evaluate(mini_pipe, Recipe(steps=50), n=16, real=real, model=model, floor_draws=20)
     assert ev.accuracy >= 0.9, f"mini's attribute accuracy on held-out captions: {ev.accuracy:.3f}"
-    from flux2lab.models import load_pipeline
+    from flux2lab.pipeline.models import load_pipeline
 
     tiny = evaluate(load_pipeline("tiny", device="cpu"), Recipe(steps=50), n=16, real=real, model=model,
                     floor_draws=0)
@@ -301,7 +301,7 @@ def test_teacache_skips_more_and_changes_more_as_the_threshold_rises(mini_pipe):
 
 @needs_weights
 def test_nvfp4_changes_images_more_than_fp8(mini_pipe):
-    from flux2lab.models import load_pipeline
+    from flux2lab.pipeline.models import load_pipeline
 
     prompts = heldout_prompts(3, seed=9)
     recipe = Recipe(steps=20)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from diffusers import Flux2Pipeline
 
-from flux2lab.cli import add_model_args, dtype_of, run_main
-from flux2lab.core import Generation, ImageRecord, Prompt, applied_recipe, apply, generate, resolution
-from flux2lab.errors import Flux2LabError
-from flux2lab.models import model_info
-from flux2lab.presets import PRESET_HELP, resolve_recipe
-from flux2lab.recipe import Recipe
+from flux2lab.cli import add_model_args, run_main
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.pipeline.core import Generation, ImageRecord, Prompt, applied_recipe, apply, generate, resolution
+from flux2lab.pipeline.models import model_info
+from flux2lab.pipeline.presets import PRESET_HELP, resolve_recipe
+from flux2lab.pipeline.recipe import Recipe
 from flux2lab.zoo import world, yardstick
 
 REAL_SEED = 10_000  # real images come from seeds no evaluation prompt uses
@@ -99,7 +99,7 @@ def sample(
     once for every candidate), or, with batch_size > 1, the same pipeline call on batches (faster on a GPU;
     images match one-by-one generation up to float rounding). TeaCache decides per batch: it needs batch_size 1."""
     if batch_size <= 1 and cache is not None:
-        from flux2lab.imagecache import ImageCache, generate_cached
+        from flux2lab.pipeline.imagecache import ImageCache, generate_cached
 
         return generate_cached(pipe, [Prompt(p) for p in prompts], list(seeds), recipe, ImageCache(cache))[0]
     if batch_size <= 1:
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flux2lab.models import load_pipeline
+    from flux2lab.pipeline.models import load_pipeline
 
     if args.n < 2:
         raise Flux2LabError("--n must be at least 2 (domain FID needs two images).")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     results, evals = {}, {}
     for name, recipe in runs.items():
         # A fresh pipeline per recipe: model-changing fields (precision) cannot be undone in place.
-        pipe = load_pipeline(args.model, device=args.device, dtype=dtype_of(args.dtype))
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
         evals[name] = evaluate(
             pipe,
             recipe,

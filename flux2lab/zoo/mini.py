@@ -20,7 +20,7 @@ from diffusers import (
     Flux2Transformer2DModel,
 )
 
-from flux2lab.models import ModelInfo, build_text_encoder
+from flux2lab.pipeline.models import ModelInfo, build_text_encoder
 from flux2lab.zoo import store
 
 RESOLUTION = 64
@@ -108,7 +108,7 @@ def build_transformer(config: dict) -> Flux2Transformer2DModel:
 
 
 def build_frozen_text_encoder(config: dict, seed: int = 0):
-    from flux2lab import tokenizer as tok
+    from flux2lab.pipeline import tokenizer as tok
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -120,7 +120,7 @@ def assemble(
     vae, text_encoder, transformer, text_config: dict, source: str, revision: str | None
 ) -> Flux2Pipeline:
     """A `Flux2Pipeline` around the parts, with the `ModelInfo` that says how to call it."""
-    from flux2lab import tokenizer as tok
+    from flux2lab.pipeline import tokenizer as tok
 
     pipe = Flux2Pipeline(
         scheduler=build_scheduler(),

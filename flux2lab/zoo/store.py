@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped weights
 TRAIN_COMMAND = "python -m flux2lab.zoo.train --out flux2lab/zoo/weights"

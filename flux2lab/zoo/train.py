@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from flux2lab.cli import run_main
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 from flux2lab.zoo import mini, store, world, yardstick
 
 # Shares of --budget-s per phase; the transformer gets what the others leave.
@@ -322,8 +322,8 @@ def save_samples(path: Path, real: torch.Tensor, generated, columns: int = 8) ->
 
 
 def evaluate_all(out: Path, yardstick_model, n: int, steps: int, device: torch.device, seed: int) -> dict:
-    from flux2lab.models import default_dtype, load_pipeline
-    from flux2lab.recipe import Recipe
+    from flux2lab.pipeline.models import default_dtype, load_pipeline
+    from flux2lab.pipeline.recipe import Recipe
     from flux2lab.zoo.evaluate import FLOOR_SEED, evaluate, real_images
 
     real = real_images(max(n, 500))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # RGB in [0, 1]: saturated, far apart, all brighter than any background

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 from flux2lab.zoo import store, world
 
 FEATURES = 128

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
 
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
 
@@ -73,7 +73,7 @@ def build_text_encoder(hidden: int, layers: int, vocab_size: int):
     """A small `Mistral3ForConditionalGeneration` (text + Pixtral vision tower) from a config."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-    from flux2lab import tokenizer as tok
+    from flux2lab.pipeline import tokenizer as tok
 
     config = Mistral3Config(
         text_config={
@@ -96,7 +96,7 @@ def build_text_encoder(hidden: int, layers: int, vocab_size: int):
 
 def build_tiny(device: str, dtype: torch.dtype, seed: int = 0) -> Flux2Pipeline:
     """The `tiny` pipeline: real classes, toy sizes, random weights fixed by `seed`."""
-    from flux2lab import tokenizer as tok
+    from flux2lab.pipeline import tokenizer as tok
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,12 +221,20 @@ BUILTIN: dict[str, Callable[[str, torch.dtype], Flux2Pipeline]] = {
 }
 
 
-def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | None = None) -> Flux2Pipeline:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_of(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype from its command-line name (bf16 | fp16 | fp32); torch dtypes and None pass through."""
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+def load_pipeline(source: str, device: str | None = None, dtype: str | torch.dtype | None = None) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline: `tiny`, `full-random`, a hub id, or a local diffusers folder."""
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise Flux2LabError(f"device '{device}' was asked for, but this machine has no CUDA GPU. Use --device cpu.")
-    dtype = dtype or default_dtype(device)
+    dtype = dtype_of(dtype) or default_dtype(device)
     if source in BUILTIN:
         return BUILTIN[source](device, dtype)
     return load_pretrained(source, device, dtype)
@@ -243,7 +251,7 @@ def free_memory() -> None:
 def model_info(pipe: Flux2Pipeline) -> ModelInfo:
     info = getattr(pipe, "flux2lab_model", None)
     if info is None:
-        raise Flux2LabError("this pipeline was not loaded with flux2lab.models.load_pipeline; load it there.")
+        raise Flux2LabError("this pipeline was not loaded with flux2lab.pipeline.models.load_pipeline; load it there.")
     return info
 
 

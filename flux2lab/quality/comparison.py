@@ -14,13 +14,16 @@ from pathlib import Path
 
 import torch
 
-from flux2lab.core import Generation
-from flux2lab.imagecache import ImageCache, generate_cached
 from flux2lab.metrics import MetricOptions, MetricResult, evaluate
-from flux2lab.models import free_memory, load_pipeline, model_info
-from flux2lab.plots import comparison_grid
-from flux2lab.prompts import PromptEntry
-from flux2lab.recipe import Recipe
+from flux2lab.pipeline.core import Generation
+from flux2lab.pipeline.imagecache import ImageCache, generate_cached
+from flux2lab.pipeline.models import free_memory, load_pipeline, model_info
+from flux2lab.pipeline.prompts import PromptEntry
+from flux2lab.pipeline.recipe import Recipe
+from flux2lab.quality.grid import comparison_grid
+
+# What a comparison measures unless told otherwise (compare, the demo and the report use this list).
+DEFAULT_METRICS = ("lpips", "psnr", "ssim", "fid", "clip")
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from flux2lab.errors import FeatureNotAvailable
+from flux2lab.common.errors import FeatureNotAvailable
 
 HOOK_NAME = "flux2lab_cuda_graph"
 

@@ -20,11 +20,11 @@ import torch
 from diffusers import Flux2Pipeline
 from PIL import Image
 
-from flux2lab import teacache
-from flux2lab.errors import Flux2LabError
-from flux2lab.models import model_info
-from flux2lab.quant import TEXT_ENCODER_KEEP, quantize
-from flux2lab.recipe import Recipe
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.hooks import teacache
+from flux2lab.pipeline.models import model_info
+from flux2lab.pipeline.recipe import Recipe
+from flux2lab.quantizers import TEXT_ENCODER_KEEP, quantize
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
 
         parallel.enable_ulysses(pipe.transformer, recipe.ulysses_degree)
     if recipe.cuda_graphs:
-        from flux2lab import cudagraphs
+        from flux2lab.hooks import cudagraphs
 
         # Captures the blocks below every other hook and compiles them there itself when `compile` is on.
         cudagraphs.enable(pipe.transformer, compile=recipe.compile)

@@ -19,9 +19,9 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flux2lab.core import Generation, ImageRecord, Prompt, generate
-from flux2lab.models import model_info
-from flux2lab.recipe import Recipe
+from flux2lab.pipeline.core import Generation, ImageRecord, Prompt, generate
+from flux2lab.pipeline.models import model_info
+from flux2lab.pipeline.recipe import Recipe
 
 SPEED_ONLY_FIELDS = ("compile", "cuda_graphs", "ulysses_degree")
 

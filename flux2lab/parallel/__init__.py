@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flux2lab import cudagraphs
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.models import default_device, image_tokens
+from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.hooks import cudagraphs
+from flux2lab.pipeline.models import default_device, image_tokens
 
 # How long a rank waits in a collective for the others before the job fails. It must cover the longest
 # legitimate gap between two collectives on different ranks (one rank loading weights or compiling slower than

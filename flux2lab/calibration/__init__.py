@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from flux2lab import teacache
-from flux2lab.errors import Flux2LabError
-from flux2lab.prompts import PromptEntry
-from flux2lab.recipe import FLUX2_DEV_COEFFICIENTS, Recipe, TeaCacheSettings
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.hooks import teacache
+from flux2lab.pipeline.prompts import PromptEntry
+from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS, Recipe, TeaCacheSettings
 
 FIELDS = ("prompt_id", "kind", "seed", "step", "timestep", "x", "y")
 KINDS = ("t2i", "multi-reference")
@@ -95,7 +95,7 @@ def recording_recipe(steps: int, height: int | None = None, width: int | None = 
 
 def record_prompt(pipe, entry: PromptEntry, seed: int, recipe: Recipe) -> list[dict[str, Any]]:
     """Generate one image uncached and return its samples (one row per step after the first)."""
-    from flux2lab.core import generate
+    from flux2lab.pipeline.core import generate
 
     recorder = attach_recorder(pipe.transformer)
     recorder.start_image()
@@ -218,8 +218,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def run_metadata(pipe, model: str, entries: Sequence[PromptEntry], manifest: Path | str,
                  recipe: Recipe) -> dict[str, Any]:
     """What was recorded (run.json); `_COMPARED` fields must match when resuming or adding a shard."""
-    from flux2lab.core import resolution
-    from flux2lab.models import model_info
+    from flux2lab.pipeline.core import resolution
+    from flux2lab.pipeline.models import model_info
 
     height, width = resolution(pipe, recipe)
     return {"model": model, "revision": model_info(pipe).revision, "steps": recipe.steps,

@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from flux2lab.errors import Flux2LabError
-from flux2lab.recipe import PRECISIONS, Recipe, RecipeError, is_int, is_number
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.pipeline.recipe import PRECISIONS, Recipe, RecipeError, is_int, is_number
 
 if TYPE_CHECKING:
-    from flux2lab.prompts import PromptEntry
+    from flux2lab.pipeline.prompts import PromptEntry
 
 CONFIG_ATTR = "flux2lab"
 CONFIG_VERSION = 1
@@ -607,8 +607,8 @@ class TrialRunner:
 
     def pipeline(self, recipe: Recipe):
         """A loaded pipeline whose model-changing fields match `recipe` (loading one if needed)."""
-        from flux2lab import core
-        from flux2lab.models import free_memory, load_pipeline
+        from flux2lab.pipeline import core
+        from flux2lab.pipeline.models import free_memory, load_pipeline
 
         for pipe in self.pipes:
             if not core.applied_recipe(pipe).model_changes(recipe):
@@ -626,7 +626,7 @@ class TrialRunner:
 
     def prompts(self):
         """The study's prompts and seeds, as `generate` takes them (the inverse of `prompt_records`)."""
-        from flux2lab.core import Prompt
+        from flux2lab.pipeline.core import Prompt
 
         entries = self.config.prompts
         return [Prompt(p["text"], tuple(p["images"])) for p in entries], [p["seed"] for p in entries]
@@ -638,7 +638,7 @@ class TrialRunner:
             return
         from filelock import FileLock
 
-        from flux2lab.imagecache import ImageCache, generate_cached
+        from flux2lab.pipeline.imagecache import ImageCache, generate_cached
 
         base = self.config.base
         pipe = self.pipeline(base)
@@ -654,8 +654,9 @@ class TrialRunner:
 
     def measure(self, recipe: Recipe) -> dict[str, Any]:
         """Generate the prompt set with `recipe` and score it; the user attributes of the trial."""
-        from flux2lab import core, metrics
-        from flux2lab.models import model_info
+        from flux2lab import metrics
+        from flux2lab.pipeline import core
+        from flux2lab.pipeline.models import model_info
 
         pipe = self.pipeline(recipe)
         prompts, seeds = self.prompts()
@@ -871,7 +872,7 @@ def select(study: optuna.Study, config: StudyConfig, budgets: Mapping[str, float
 def freeze_trial(study: optuna.Study, config: StudyConfig, trial: FrozenTrial, out: str | Path, *,
                  storage_url: str, budgets: Mapping[str, float]) -> Path:
     """Write the trial's recipe as a frozen config (flux2lab.frozen) with the study as its provenance."""
-    from flux2lab.frozen import freeze
+    from flux2lab.pipeline.frozen import freeze
 
     recipe = Recipe.from_dict(trial.user_attrs["recipe"], source=f"trial {trial.number} of {study.study_name}")
     attrs = trial.user_attrs

@@ -44,7 +44,7 @@ from torchmetrics.functional.image.lpips import _NoTrainLpips
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.transforms.v2 import functional as TF
 
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 log = logging.getLogger(__name__)
 

@@ -51,24 +51,24 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from flux2lab import __version__, dist_version, parallel
-from flux2lab.cli import dtype_of
-from flux2lab.core import applied_recipe, apply, generate, resolution
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.models import (
+from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.pipeline.core import applied_recipe, apply, generate, resolution
+from flux2lab.pipeline.models import (
     build_transformer_on_meta,
     default_device,
     default_dtype,
+    dtype_of,
     free_memory,
     image_tokens,
     load_pipeline,
     model_info,
 )
-from flux2lab.recipe import FLUX2_DEV_RET_STEPS, Recipe
+from flux2lab.pipeline.recipe import FLUX2_DEV_RET_STEPS, Recipe
 
 PROMPT = "a red fox standing in fresh snow at golden hour, detailed fur, soft light"
 NVIDIA_SKIPS = (16, 50)  # NVIDIA's measured TeaCache average for FLUX.2 [dev]: 16 of 50 steps skipped
 GIB = 2**30
-RANDOM_WEIGHTS = ("tiny", "full-random")  # models whose TeaCache decisions mean nothing (see flux2lab.models)
+RANDOM_WEIGHTS = ("tiny", "full-random")  # models whose TeaCache decisions mean nothing (see flux2lab.pipeline.models)
 
 
 # --- the ladder ----------------------------------------------------------------------------------------------
@@ -152,8 +152,8 @@ def traced_skips(fit_path: Path, trace_path: Path, steps: int, recipe: Recipe) -
     """The skips TeaCache's rule makes on recorded distances (a calibration run's samples.csv) with the
     coefficients of its fit.json, for the prompt whose skip count is the median of the trace."""
     from flux2lab.calibration import read_rows
-    from flux2lab.presets import coefficients_from_fit
-    from flux2lab.teacache import TeaCacheConfig, plan_skips
+    from flux2lab.hooks.teacache import TeaCacheConfig, plan_skips
+    from flux2lab.pipeline.presets import coefficients_from_fit
 
     coefficients = coefficients_from_fit(fit_path)
     if not trace_path.is_file():
@@ -215,7 +215,7 @@ def replay(pipe: Any, recipe: Recipe, plan: SkipPlan | None) -> None:
     is swapped, so nothing recompiles)."""
     if plan is None or plan.skip_steps is None or not recipe.teacache.enabled:
         return
-    from flux2lab.teacache import TeaCacheConfig, apply_teacache
+    from flux2lab.hooks.teacache import TeaCacheConfig, apply_teacache
 
     apply_teacache(pipe.transformer, TeaCacheConfig.from_recipe(recipe, replay_skips=plan.skip_steps))
 
@@ -305,7 +305,7 @@ class Gemm:
     k: int
     n: int
     count: int
-    fp8: bool = True  # quantized by the precision rung (flux2lab.quant's layer rule); else stays in BF16
+    fp8: bool = True  # quantized by the precision rung (flux2lab.quantizers's layer rule); else stays in BF16
 
     @property
     def flops(self) -> int:
@@ -367,8 +367,8 @@ class _Recorder(TorchFunctionMode):
 
 def step_workload(transformer_config: dict[str, Any], n_image: int, n_text: int) -> Workload:
     """Run the transformer's forward on the meta device and record every GEMM and attention it makes, and
-    which GEMMs the low-precision rung quantizes (the layer rule of flux2lab.quant, NVIDIA's for FLUX.2 [dev])."""
-    from flux2lab.quant import select_layers
+    which GEMMs the low-precision rung quantizes (the layer rule of flux2lab.quantizers, NVIDIA's for FLUX.2 [dev])."""
+    from flux2lab.quantizers import select_layers
 
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     model = build_transformer_on_meta(**config)
@@ -476,7 +476,7 @@ def full_size_text_encoder_and_vae() -> tuple[torch.nn.Module, torch.nn.Module]:
     from diffusers import AutoencoderKLFlux2
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-    from flux2lab import tokenizer as tok
+    from flux2lab.pipeline import tokenizer as tok
 
     config = Mistral3Config(**MISTRAL_SMALL_3_1, image_token_index=tok.IMAGE_TOKEN_ID, bos_token_id=tok.BOS_ID,
                             eos_token_id=tok.EOS_ID, pad_token_id=tok.PAD_ID)
@@ -490,8 +490,8 @@ def build_whole_random(device: str | None, dtype: torch.dtype | None, seed: int 
     About 105 GiB in BF16, so an H200 (or larger), not an 80 GB H100."""
     from diffusers import Flux2Pipeline
 
-    from flux2lab import tokenizer as tok
-    from flux2lab.models import materialize_random
+    from flux2lab.pipeline import tokenizer as tok
+    from flux2lab.pipeline.models import materialize_random
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -806,7 +806,7 @@ class Bench:
         if recipe.cuda_graphs and device.type != "cuda":
             raise FeatureNotAvailable(f"CUDA graphs need a CUDA GPU; this run is on '{device}'.")
         if recipe.transformer_precision != "bf16":
-            from flux2lab.quant import resolve_backend
+            from flux2lab.quantizers import resolve_backend
 
             dtype = (self.pipe.transformer.dtype if self.pipe is not None
                      else dtype_of(self.cfg.dtype) or default_dtype(device))
@@ -1044,7 +1044,7 @@ def markdown(result: dict[str, Any]) -> str:
             fl = floor[key]
             lines.append(f"| {label} | {fl['gemm_s']:.3f} s | {fl['attention_s']:.3f} s | {fl['step_s']:.3f} s | "
                          f"{_f(fl['gemm_tflops'], '.4g', ' TFLOP/s')} | {fl['step_s'] * result['steps']:.2f} s |")
-        lines.append(f"\nThe FP8 floor keeps the layers flux2lab.quant's rule keeps in high precision at "
+        lines.append(f"\nThe FP8 floor keeps the layers flux2lab.quantizers's rule keeps in high precision at "
                      f"{floor['dtype']} ({floor['fp8']['kept_high_tflop']:.4g} TFLOP a step), as the FP8 rung does.")
         if floor["fp8"]["gemms_not_in_fp8"]:
             lines.append(f"\nGEMMs without an FP8 kernel here (counted at {floor['dtype']}): "

@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 
 def quiet_libraries() -> None:
@@ -53,8 +53,3 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="model dtype (default: bf16 on GPU, fp32 on CPU)")
 
-
-def dtype_of(name: str | None):
-    import torch
-
-    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
 
 SCHEMA_VERSION = 1
 

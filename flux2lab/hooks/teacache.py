@@ -57,8 +57,8 @@ from diffusers.hooks.hooks import BaseState
 from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 from diffusers.utils.torch_utils import unwrap_module
 
-from flux2lab.errors import Flux2LabError
-from flux2lab.recipe import FLUX2_DEV_COEFFICIENTS, FLUX2_DEV_RET_STEPS, FLUX2_DEV_THRESHOLD, Recipe
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS, FLUX2_DEV_RET_STEPS, FLUX2_DEV_THRESHOLD, Recipe
 
 HOOK_NAME = "flux2lab_teacache"
 
@@ -466,7 +466,7 @@ def _attached(transformer: torch.nn.Module) -> _StepHook:
     hook = _step_hook(transformer)
     if hook is None:
         raise Flux2LabError("TeaCache is not attached to this transformer; apply it first "
-                            "(flux2lab.teacache.apply_teacache or a recipe with teacache.enabled).")
+                            "(flux2lab.hooks.teacache.apply_teacache or a recipe with teacache.enabled).")
     return hook
 
 

@@ -51,8 +51,8 @@ from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8
 from torchao.quantization.transform_module import register_quantize_module_handler
 from torchao.utils import TorchAOBaseTensor
 
-from flux2lab.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.recipe import PRECISIONS, QUANT_BACKENDS
+from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
+from flux2lab.pipeline.recipe import PRECISIONS, QUANT_BACKENDS
 
 # NVIDIA's layer rule for FLUX.2 [dev], verbatim: a regex that matches the layers to QUANTIZE.
 NVIDIA_FLUX2_DEV_INCLUDE = r"^(?!.*(embedder|norm_out|proj_out|to_add_out|to_added_qkv|stream)).*"

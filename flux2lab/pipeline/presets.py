@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flux2lab.errors import Flux2LabError
-from flux2lab.recipe import Recipe
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.pipeline.recipe import Recipe
 
 PRESET_HELP = ("a recipe JSON file, or presets joined by '+': bf16 | fp8 | nvfp4 | te-fp8 | teacache | "
                "teacache@FIT.json | thresh=X | ret=N | cutoff=N (e.g. nvfp4+teacache@fit.json+thresh=0.3)")

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux2lab.core import Prompt
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.pipeline.core import Prompt
 
 _FIELDS = {"prompt", "images", "seed", "id"}
 

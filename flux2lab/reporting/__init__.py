@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from flux2lab import dist_version
-from flux2lab.compare import DEFAULT_METRICS
-from flux2lab.errors import Flux2LabError
+from flux2lab.common.errors import Flux2LabError
+from flux2lab.quality.comparison import DEFAULT_METRICS
 
 # ---------------------------------------------------------------------------------------------- document
 
@@ -159,7 +159,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _json_hash(data: dict[str, Any]) -> str:
-    from flux2lab.frozen import json_sha256
+    from flux2lab.pipeline.frozen import json_sha256
 
     return json_sha256(data)[:12]
 
@@ -231,7 +231,7 @@ class Found:
                     or self.benches)
 
 
-_CACHE_KEY = re.compile(r"[0-9a-f]{24}")  # image cache entries (flux2lab.imagecache): never anything else
+_CACHE_KEY = re.compile(r"[0-9a-f]{24}")  # image cache entries (flux2lab.pipeline.imagecache): never anything else
 
 
 def discover(experiments: str | Path | None, bench_dirs: Sequence[str | Path] = (),
@@ -292,7 +292,7 @@ def _is_frozen(path: Path) -> bool:
 
 
 def calibration_section(runs: Sequence[Path], root: Path | None) -> Section:
-    from flux2lab.recipe import FLUX2_DEV_COEFFICIENTS
+    from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS
 
     sec = Section("calibration", "TeaCache calibration")
     sec.blocks.append(Text("Each step of an uncached run gives one point: x = how much the timestep-modulated "
@@ -584,7 +584,7 @@ def _thumbnails(folder: Path, rows: Sequence[dict[str, Any]], limit: int = 8) ->
 
 
 def run_section(frozen: Sequence[Path], runs: Sequence[Path], root: Path | None) -> Section:
-    from flux2lab.frozen import load_frozen
+    from flux2lab.pipeline.frozen import load_frozen
 
     sec = Section("run", "Frozen configs and their runs")
     by_hash: dict[str, str] = {}

@@ -1,0 +1,1 @@
+"""Small helpers every library shares: user errors, files written atomically, numbers formatted."""

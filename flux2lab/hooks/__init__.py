@@ -1,0 +1,1 @@
+"""Every diffusers ModelHook flux2lab attaches: TeaCache, per-block CUDA graphs, the calibration recorder."""
