@@ -6,7 +6,7 @@
 
 Rungs: eager-bf16, compile, +cuda-graphs, +fp8 (Hopper/Ada) or +nvfp4 (Blackwell), +teacache, xN-gpus; each
 adds one acceleration to the rung below. Writes bench.json, bench.md and bench.png to --out (rewritten after
-every rung, so an interrupted run keeps what it measured). See flux2lab/benchmark.py for how it times.
+every rung, so an interrupted run keeps what it measured). See flux2lab/benchmark/ for how it times.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, run_main
+from flux2lab.cli import add_model_args, command_parser, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.bench",
+    p = command_parser(
+        "bench",
         description="Time the acceleration ladder (eager BF16 -> compile -> CUDA graphs -> FP8/NVFP4 -> TeaCache -> "
                     "N GPUs) on one card, next to the card's arithmetic floor for one step.",
     )
@@ -36,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the low-precision rung (default: nvfp4 on Blackwell, fp8 elsewhere)")
     p.add_argument("--gpus", type=_counts, help="GPU counts of the multi-GPU rungs, e.g. 2 or 2,4 (default: all "
                                                 "visible GPUs, at least 2)")
-    p.add_argument("--steps", type=int, help="denoising steps per image (default 50; with --recipe, the recipe's)")
+    p.add_argument("--steps", type=int, help="denoising steps per image (default: 50; with --recipe, the recipe's)")
     p.add_argument("--height", type=int, help="image height (default: the model's, 1024 for FLUX.2 [dev])")
     p.add_argument("--width", type=int, help="image width (default: the model's)")
-    p.add_argument("--reps", type=int, default=3, help="timed images per rung (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up images per rung (default 1)")
+    p.add_argument("--reps", type=int, default=3, help="timed images per rung")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up images per rung")
     p.add_argument("--warmup-steps", type=int, default=3,
                    help="steps of a warm-up image: enough to compile and capture, shapes do not depend on the "
-                        "step count (default 3; TeaCache rungs warm up on the full schedule)")
+                        "step count; TeaCache rungs warm up on the full schedule")
     p.add_argument("--timed-steps", type=int,
                    help="run timed images of this many steps and extrapolate the per-image time to --steps "
                         "(measured wall + remaining steps x median step); TeaCache rungs always time full images. "
@@ -69,7 +69,7 @@ def _counts(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flux2lab import parallel
-    from flux2lab.benchmark import Bench, BenchConfig, write_report
+    from flux2lab.benchmark import Bench, BenchConfig, console_lines, write_report
 
     words = sys.argv[1:] if argv is None else argv
     env = parallel.init(args.device)
@@ -94,15 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel.shutdown()
     if not env.is_main:
         return 0
-    for r in result["rungs"]:
-        if r["status"] == "ok":
-            print(f"{r['name']:>14}: {r['step_s']['median']:.3f} s/step, {r['image_s']['median']:.2f} s/image, "
-                  f"{r['speedup']:.2f}x" + (f", {r['floor_ratio']:.2f}x the floor" if r.get("floor_ratio") else ""))
-        else:
-            print(f"{r['name']:>14}: {r['status']} ({r['reason']})")
-    for t in result["targets"]:
-        if t["met"] is not None and t["applies_here"]:
-            print(f"target {'met' if t['met'] else 'NOT met'}: {t['target']} ({t['value']:.2f}x)")
+    print("\n".join(console_lines(result)))
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png ({result['wall_s']:.0f} s)")
     return 1 if any(r["status"] == "failed" for r in result["rungs"]) else 0
 

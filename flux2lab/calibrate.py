@@ -5,35 +5,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, run_main
+from flux2lab.cli import add_model_args, command_parser, run_main
 
 DEFAULT_SET = Path("calibration_data/calibration.jsonl")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.calibrate",
+    p = command_parser(
+        "calibrate",
         description="Run the pipeline uncached over a calibration set, record per step how much the modulated "
                     "input and the model output change, and fit TeaCache's polynomial. Writes samples.csv, "
                     "fit.json and fit.png under OUT/NAME/. Interrupted runs resume; --shard splits the prompts "
                     "over processes or GPUs (the last shard to finish writes the fit).",
     )
     add_model_args(p)
-    p.add_argument("--prompts", type=Path, default=DEFAULT_SET,
-                   help=f"calibration set: a .jsonl manifest (default: {DEFAULT_SET})")
+    p.add_argument("--prompts", type=Path, default=DEFAULT_SET, help="calibration set: a .jsonl manifest")
     p.add_argument("--name", required=True, help="run name: the folder under --out")
-    p.add_argument("--out", type=Path, default=Path("experiments/calibration"),
-                   help="where runs live (default: experiments/calibration)")
+    p.add_argument("--out", type=Path, default=Path("experiments/calibration"), help="where runs live")
     p.add_argument("--steps", type=int, default=50,
-                   help="denoising steps; calibrate with the step count you will generate with (default 50)")
+                   help="denoising steps; calibrate with the step count you will generate with")
     p.add_argument("--height", type=int, help="image height (default: the model's)")
     p.add_argument("--width", type=int, help="image width (default: the model's)")
     p.add_argument("--limit", type=int, help="use only the first K prompts of the set")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts without their own (default 0, then +1...)")
-    p.add_argument("--shard", default="0/1", help="record only shard i of n, written i/n (default 0/1)")
-    p.add_argument("--degree", type=int, default=3, help="polynomial degree (default 3)")
-    p.add_argument("--ret-steps", type=int, default=10,
-                   help="ret_steps assumed by the skip-limit table in fit.json (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt without its own seed; the next get +1")
+    p.add_argument("--shard", default="0/1", help="record only shard i of n, written i/n")
+    p.add_argument("--degree", type=int, default=3, help="polynomial degree")
+    p.add_argument("--ret-steps", type=int, default=10, help="ret_steps assumed by the skip-limit table in fit.json")
     p.add_argument("--fit-only", action="store_true",
                    help="do not record: fit the samples already in OUT/NAME (e.g. with another --degree)")
     return p

@@ -5,33 +5,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, run_main
-from flux2lab.pipeline.presets import PRESET_HELP
-from flux2lab.quality.comparison import DEFAULT_METRICS
+from flux2lab.cli import add_model_args, command_parser, run_main, shape_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
     from flux2lab.metrics import add_weight_arguments
+    from flux2lab.pipeline.presets import PRESET_HELP
+    from flux2lab.quality.comparison import DEFAULT_METRICS
 
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.compare",
+    p = command_parser(
+        "compare",
         description="Generate the same prompts and seeds with recipe A and recipe B, then measure B against A "
                     "(LPIPS, PSNR, SSIM per image; FID and CLIP score per set) and draw A | B | difference.",
     )
     add_model_args(p)
-    p.add_argument("--a", default="bf16", help=f"recipe A, the reference (default bf16): {PRESET_HELP}")
+    p.add_argument("--a", default="bf16", help=f"recipe A, the reference: {PRESET_HELP}")
     p.add_argument("--b", required=True, help=f"recipe B, the candidate: {PRESET_HELP}")
     p.add_argument("--prompts", type=Path, default=Path("calibration_data/quality_prompts.jsonl"),
-                   help="prompt set (.jsonl manifest or one prompt a line; default: the quality set)")
+                   help="prompt set (.jsonl manifest or one prompt a line)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompts without their own (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts without their own")
     p.add_argument("--steps", type=int, help="denoising steps for both recipes")
     p.add_argument("--height", type=int, help="image height for both recipes (default: the model's)")
     p.add_argument("--width", type=int, help="image width for both recipes (default: the model's)")
-    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                   help=f"comma-separated metrics (default {','.join(DEFAULT_METRICS)})")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metrics")
     p.add_argument("--cache", type=Path, default=Path("experiments/image_cache"),
-                   help="where generated images are cached (default experiments/image_cache)")
+                   help="where generated images are cached")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_weight_arguments(p)
     return p
@@ -52,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         raise Flux2LabError("no metric left to compute; give --metrics with at least one available metric.")
     entries = load_prompts(args.prompts)[: args.limit]
     seeds = seeds_for(entries, args.seed)
-    overrides = {k: getattr(args, k) for k in ("steps", "height", "width") if getattr(args, k) is not None}
-    a = resolve_recipe(args.a).replace(**overrides)
-    b = resolve_recipe(args.b).replace(**overrides)
+    a = resolve_recipe(args.a).replace(**shape_overrides(args))
+    b = resolve_recipe(args.b).replace(**shape_overrides(args))
 
     result = compare(args.model, a, b, entries, seeds, weights, args.cache, labels=(args.a, args.b),
                      device=args.device, dtype=args.dtype)

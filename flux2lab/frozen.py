@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flux2lab.cli import run_main
+from flux2lab.cli import command_parser, run_main
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.pipeline.frozen import load_frozen, refreeze
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.frozen",
+    p = command_parser(
+        "frozen",
         description="Freeze a recipe (or re-freeze an edited frozen config) into a hashed, versioned config; "
                     "or --check one.",
     )
@@ -22,21 +21,38 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default: the one the config names")
     p.add_argument("--revision", help="the model's revision or weight checksum, if known")
     p.add_argument("--check", action="store_true", help="only verify SOURCE and print what it holds")
+    p.add_argument("--sign", action="store_true", help="verify the frozen config SOURCE and write it to --out "
+                                                       "unchanged, signed with FLUX2LAB_FROZEN_KEY")
+    p.add_argument("--force", action="store_true", help="replace --out if it already exists")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flux2lab.pipeline.frozen import KEY_ENV, load_frozen, refreeze, signing_key
+
     if args.check:
         f = load_frozen(args.source)
+        signed = "" if not f.signature else (", signature verified" if signing_key() else
+                                             f", signature not checked: {KEY_ENV} is not set")
         print(f"{args.source}: OK (sha256 {f.sha256}, schema {f.schema_version}, model {f.model.source}"
-              f"{' @ ' + f.model.revision if f.model.revision else ''})")
+              f"{' @ ' + f.model.revision if f.model.revision else ''}{signed})")
         return 0
     if args.out is None:
         raise Flux2LabError("give --out NEW.json (or --check to only verify).")
-    model = {"source": args.model, "revision": args.revision} if args.model else None
-    f = refreeze(args.source, model).save(args.out)
-    print(f"frozen config written: {f} (sha256 {load_frozen(f).sha256})")
+    if args.out.exists() and not args.out.is_dir() and not args.force:
+        raise Flux2LabError(f"--out {args.out} already exists; choose another file, or add --force to replace it.")
+    if args.sign:
+        if args.model or args.revision:
+            raise Flux2LabError("--sign writes SOURCE unchanged: drop --model/--revision, or re-freeze without --sign.")
+        if signing_key() is None:
+            raise Flux2LabError(f"--sign needs the signing key: set {KEY_ENV}.")
+        frozen = load_frozen(args.source, require_signature=False)
+    else:
+        model = {"source": args.model, "revision": args.revision} if args.model else None
+        frozen = refreeze(args.source, model)
+    f = frozen.save(args.out)
+    print(f"frozen config written: {f} (sha256 {load_frozen(f, require_signature=False).sha256})")
     return 0
 
 

@@ -6,18 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, run_main
+from flux2lab.cli import add_model_args, command_parser, run_main, shape_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.generate",
+    p = command_parser(
+        "generate",
         description="Generate images with FLUX.2 (optionally accelerated by a recipe) and record timings.",
     )
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts", type=Path, help="a prompt file (.jsonl manifest or one prompt a line)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; the next get seed+1... (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; the next get seed+1...")
     p.add_argument("--recipe", type=Path, help="a recipe JSON (default: plain BF16, no acceleration)")
     p.add_argument("--steps", type=int, help="denoising steps (overrides the recipe)")
     p.add_argument("--height", type=int, help="image height (overrides the recipe; default: the model's)")
@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts:
         raise Flux2LabError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE.")
     seeds = seeds_for(entries, args.seed) + [args.seed + len(entries) + i for i in range(len(args.prompt))]
-    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
-    overrides = {k: getattr(args, k) for k in ("steps", "height", "width") if getattr(args, k) is not None}
-    recipe = recipe.replace(**overrides) if overrides else recipe
+    recipe = (Recipe.load(args.recipe) if args.recipe else Recipe()).replace(**shape_overrides(args))
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     result = generate(pipe, prompts, seeds, recipe, time_steps=True, progress=True)

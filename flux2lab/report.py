@@ -13,12 +13,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from flux2lab.cli import run_main
+from flux2lab.cli import command_parser, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.report",
+    p = command_parser(
+        "report",
         description="Scan an experiments folder (calibration runs, studies, comparisons, frozen configs, run "
                     "outputs, benchmarks) and write one self-contained index.html (images embedded, no network "
                     "needed) and index.md (images beside it) with a section for each kind found, plus provenance.",

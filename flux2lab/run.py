@@ -3,16 +3,9 @@
     python -m flux2lab.run --config experiments/frozen/x.json --prompts prompts.jsonl --out out/
     torchrun --nproc-per-node 4 -m flux2lab.run --config ... --prompts ... --out ...
 
-The config is verified (hash, schema) and applied as frozen: precisions, TeaCache, compile, CUDA graphs. Under
-torchrun with N processes the transformer runs Ulysses sequence parallelism of degree N (the launch decides the
-degree; the frozen recipe is otherwise unchanged). Every rank runs every image with the same seed; TeaCache
-decides from distances reduced over all ranks, and the runner checks after each image that all ranks skipped
-the same steps. Rank 0 writes the images, `records.jsonl` (one JSON per image: config hash, seed, timings,
-skipped steps) and `summary.json`. Images already in `--out` for the same config are skipped, so an
-interrupted run picks up where it stopped. A rank that dies or hangs fails the job within the process-group
-timeout (`--pg-timeout`); torchrun then stops the others and exits non-zero. At the end, CUDA graphs are released
-before the process group is destroyed (NCCL waits for them otherwise), and a teardown that still does not finish
-within the timeout exits with status 3 (`parallel.TEARDOWN_HUNG_EXIT`) after the results are written.
+The frozen config is applied as frozen; under torchrun with N processes the transformer runs Ulysses of degree N.
+Rank 0 writes the images, `records.jsonl` and `summary.json`; a rerun into the same --out skips finished images.
+How ranks agree, fail and tear down: docs/DESIGN.md, "Running on many GPUs".
 """
 
 from __future__ import annotations
@@ -26,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flux2lab.cli import run_main
+from flux2lab.cli import command_parser, run_main
 
 RECORDS = "records.jsonl"
 SUMMARY = "summary.json"
@@ -35,8 +28,8 @@ SUMMARY = "summary.json"
 def build_parser() -> argparse.ArgumentParser:
     from flux2lab.parallel import DEFAULT_TIMEOUT_S
 
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.run",
+    p = command_parser(
+        "run",
         description="Run a frozen flux2lab config on a prompt set: one GPU, or several under "
                     "`torchrun --nproc-per-node N -m flux2lab.run ...` (Ulysses sequence parallelism).",
     )
@@ -44,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "python -m flux2lab.frozen)")
     p.add_argument("--prompts", type=Path, required=True, help="prompt file (.jsonl manifest or one prompt a line)")
     p.add_argument("--out", type=Path, required=True, help="output folder: images, records.jsonl, summary.json")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts without their own: seed + position "
-                                                       "(default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts without their own: seed + position")
     p.add_argument("--model", help="load the weights from here instead of the model the config names (e.g. a "
                                    "local copy); a differing revision is warned about")
     p.add_argument("--device", help="cpu | cuda (default: cuda if present); under torchrun rank r uses "
@@ -53,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="model dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="run N untimed, unsaved images first (compilation, graph capture) so records and the "
-                        "summary show steady-state speed (default 0)")
+                        "summary show steady-state speed")
     p.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                   help=f"how long ranks wait for each other before the job fails (default {DEFAULT_TIMEOUT_S:g})")
+                   help="how long ranks wait for each other before the job fails")
     return p
 
 

@@ -10,14 +10,11 @@ The library is `flux2lab.study`; this module only turns flags into its calls and
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from flux2lab.cli import DEFAULT_MODEL, add_model_args, run_main
+from flux2lab.cli import DEFAULT_MODEL, MODEL_HELP, add_model_args, command_parser, run_main, shape_overrides
 from flux2lab.common.errors import Flux2LabError
 
 # Options that define a study (stored in it). Given on a rerun, they must match; left out, the stored ones hold.
@@ -29,8 +26,8 @@ DEFINING = ("model", "prompts", "seed", "recipe", "steps", "height", "width", "c
 def build_parser() -> argparse.ArgumentParser:
     from flux2lab.metrics import add_weight_arguments
 
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.search",
+    p = command_parser(
+        "search",
         description="Search TeaCache settings (threshold x ret_steps, optionally cutoff_steps and transformer "
                     "precision) with Optuna: each trial generates the prompt set, is timed and scored against an "
                     "uncached reference; the Pareto front of speed vs quality is printed and plotted. --freeze "
@@ -40,15 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, help="study name (also its folder under EXPERIMENTS/studies/)")
     p.add_argument("--storage", help="SQLAlchemy URL of the Optuna storage (default: sqlite:///EXPERIMENTS/studies.db)")
     p.add_argument("--experiments", type=Path, default=Path("experiments"),
-                   help="folder for the default storage, study folders and frozen configs (default: experiments)")
+                   help="folder for the default storage, study folders and frozen configs")
 
     d = p.add_argument_group("study definition (stored in the study: give them to create it; on a rerun give the "
                              "same ones, or none to resume it as stored)")
-    add_model_args(d)
-    p.set_defaults(model=None)  # None: not given (a new study uses DEFAULT_MODEL)
+    # --model None: not given (a new study uses DEFAULT_MODEL, a rerun the stored one)
+    add_model_args(d, model_default=None, model_help=f"{MODEL_HELP} (a new study's default: {DEFAULT_MODEL})")
     d.add_argument("--prompts", type=Path, help="prompt file (.jsonl manifest or one prompt a line); required for a "
                                                 "new study")
-    d.add_argument("--seed", type=int, help="seed of the first prompt without its own seed; the next get +1 (default 0)")
+    d.add_argument("--seed", type=int, help="seed of the first prompt without its own seed; the next get +1 (default: 0)")
     d.add_argument("--recipe", type=Path, help="base recipe JSON (default: plain BF16); TeaCache is set per trial")
     d.add_argument("--steps", type=int, help="denoising steps (overrides the base recipe)")
     d.add_argument("--height", type=int, help="image height (overrides the base recipe)")
@@ -57,23 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the published FLUX.2 [dev] coefficients)")
     d.add_argument("--grid", type=Path, help="YAML/JSON file {threshold: [...], ret_steps: [...], cutoff_steps: "
                                              "[...], transformer_precision: [...]}")
-    d.add_argument("--threshold", help="comma-separated TeaCache thresholds (default 0.02,0.05,0.1,0.2)")
+    d.add_argument("--threshold", help="comma-separated TeaCache thresholds (default: 0.02,0.05,0.1,0.2)")
     d.add_argument("--ret-steps", help="comma-separated ret_steps (default: 0, 10%% and 20%% of the steps)")
     d.add_argument("--cutoff-steps", help="comma-separated cutoff_steps; 'none' = no cutoff (default: not searched)")
     d.add_argument("--precision", help="comma-separated transformer precisions, e.g. bf16,fp8 (default: not searched)")
-    d.add_argument("--sampler", choices=["grid", "tpe"], help="grid (every point; default) or tpe (--n-trials "
+    d.add_argument("--sampler", choices=["grid", "tpe"], help="grid (every point; the default) or tpe (--n-trials "
                                                               "trials within the grid's ranges)")
     d.add_argument("--n-trials", type=int, help="number of trials for --sampler tpe")
-    d.add_argument("--sampler-seed", type=int, help="seed of the grid order / TPE (default 0)")
+    d.add_argument("--sampler-seed", type=int, help="seed of the grid order / TPE (default: 0)")
     d.add_argument("--quality-metric", choices=["auto", "lpips", "psnr", "ssim"],
-                   help="quality objective (default auto: lpips when its weights are found, else ssim)")
+                   help="quality objective (default: auto, i.e. lpips when its weights are found, else ssim)")
     d.add_argument("--speed-metric", choices=["time", "skipped"],
-                   help="speed objective: measured time per image (default) or the fraction of skipped steps "
+                   help="speed objective: measured time per image (the default) or the fraction of skipped steps "
                         "(steadier where timings are noisy, e.g. a busy CPU)")
 
     r = p.add_argument_group("running")
     r.add_argument("--workers", type=int, default=1, help="local worker processes, each on its own GPU where there "
-                                                          "are several (default 1: run in this process)")
+                                                          "are several (1: run in this process)")
     r.add_argument("--keep-pipelines", type=int, default=1,
                    help="pipelines kept loaded when transformer precision is searched (each is a whole model)")
     r.add_argument("--retry-failed", action="store_true",
@@ -100,56 +97,24 @@ def _study_dir(args) -> Path:
 
 
 def _metric_weights(args, quality_metric: str | None):
-    """Resolve metric weights before any model work: LPIPS as the metrics module decides (error, or skipped
-    with --skip-missing), PSNR/SSIM always, CLIP only when its weights are there."""
     from flux2lab import metrics
+    from flux2lab import study as st
 
-    paths = metrics.weight_paths(args)
-    options = metrics.MetricOptions(device=args.device)
-    weights = metrics.check_weights(["lpips", "psnr", "ssim"], paths, skip_missing=args.skip_missing, options=options)
-    weights.update(metrics.check_weights(["clip"], paths, skip_missing=True, options=options))
-    if quality_metric not in (None, "auto") and quality_metric not in weights:
-        metrics.check_weights([quality_metric], paths, options=options)  # raises the module's message
-    return weights
+    return st.trial_weights(metrics.weight_paths(args), device=args.device, skip_missing=args.skip_missing,
+                            quality_metric=quality_metric)
 
 
 def _config_from_args(args, weights):
     from flux2lab import study as st
-    from flux2lab.pipeline.frozen import calibration_record
-    from flux2lab.pipeline.presets import coefficients_from_fit
-    from flux2lab.pipeline.prompts import load_prompts, seeds_for
-    from flux2lab.pipeline.recipe import Recipe
 
-    if args.prompts is None:
-        raise Flux2LabError("give --prompts FILE: the prompts each trial generates (and the reference is made of).")
-    model = args.model or DEFAULT_MODEL
-    if model == "full-random":
-        raise Flux2LabError("model 'full-random' has no VAE (it returns latents), so quality against the reference "
-                            "cannot be measured; search on the real model (or tiny to try the tool).")
-    entries = load_prompts(args.prompts)
-    seeds = seeds_for(entries, args.seed or 0)
-    base = Recipe.load(args.recipe) if args.recipe else Recipe()
-    overrides = {k: getattr(args, k) for k in ("steps", "height", "width") if getattr(args, k) is not None}
-    base = base.replace(**overrides) if overrides else base
-    calibration = None
-    if args.calibration is not None:
-        coefficients = coefficients_from_fit(args.calibration)
-        calibration = calibration_record(args.calibration, coefficients)
-        base = base.replace(teacache={"coefficients": coefficients})
-    base = base.replace(teacache={"enabled": False})
-    grid = st.read_grid_file(args.grid) if args.grid else None
-    space = st.build_space(base, grid, str(args.grid), flags={
-        "threshold": args.threshold, "ret_steps": args.ret_steps, "cutoff_steps": args.cutoff_steps,
-        "transformer_precision": args.precision})
-    quality = args.quality_metric or "auto"
-    if quality == "auto":
-        quality = "lpips" if "lpips" in weights else "ssim"
-    return st.StudyConfig(
-        model=model, base_recipe=base.to_dict(), space=space.to_dict(), calibration=calibration,
-        prompts=st.prompt_records(entries, seeds),
-        sampler=args.sampler or "grid", n_trials=args.n_trials, sampler_seed=args.sampler_seed or 0,
-        quality_metric=quality, speed_metric=args.speed_metric or "time",
-    )
+    return st.make_config(
+        model=args.model or DEFAULT_MODEL, prompts=args.prompts, weights=weights, seed=args.seed, recipe=args.recipe,
+        overrides=shape_overrides(args),
+        calibration=args.calibration, grid=args.grid,
+        flags={"threshold": args.threshold, "ret_steps": args.ret_steps, "cutoff_steps": args.cutoff_steps,
+               "transformer_precision": args.precision},
+        sampler=args.sampler, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
+        quality_metric=args.quality_metric, speed_metric=args.speed_metric)
 
 
 def _best(study, config) -> str:
@@ -189,39 +154,22 @@ def _summary(study, config, args, storage_url: str, status) -> str:
     return "\n".join(lines)
 
 
-def _spawn(args, storage_url: str) -> tuple[list[subprocess.Popen], str | None]:
-    """The other `--workers` processes (this one is the first); with several GPUs each worker gets its own.
+def _spawn(args, storage_url: str) -> tuple[list, str | None]:
+    """The other `--workers` processes (this one is the first): this command as a quiet worker of the study.
     Returns the processes and the device for this process."""
-    import torch
-
     from flux2lab import metrics
+    from flux2lab import study as st
 
-    on_gpu = args.device in (None, "cuda") and torch.cuda.is_available()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]) if on_gpu else []
-    procs = []
-    for i in range(1, args.workers):
-        cmd = [sys.executable, "-m", "flux2lab.search", "--study", args.study, "--storage", storage_url,
-               "--experiments", str(args.experiments), "--quiet", "--worker-index", str(i),
-               "--keep-pipelines", str(args.keep_pipelines)]
-        env = dict(os.environ)
-        if len(gpus) > 1:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        elif args.device:
-            cmd += ["--device", args.device]
-        if not gpus and "OMP_NUM_THREADS" not in env:  # CPU workers share the cores instead of oversubscribing
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
-        if args.dtype:
-            cmd += ["--dtype", args.dtype]
-        for name, path in metrics.weight_paths(args).items():
-            cmd += [metrics.METRICS[name].weights.flag, str(path)]
-        if args.skip_missing:
-            cmd.append("--skip-missing")
-        procs.append(subprocess.Popen(cmd, env=env))
-    if not gpus and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
-    # The first visible GPU is cuda:0 inside this process, whatever CUDA_VISIBLE_DEVICES says.
-    return procs, ("cuda:0" if len(gpus) > 1 else args.device)
+    common = [sys.executable, "-m", "flux2lab.search", "--study", args.study, "--storage", storage_url,
+              "--experiments", str(args.experiments), "--quiet", "--keep-pipelines", str(args.keep_pipelines)]
+    if args.dtype:
+        common += ["--dtype", args.dtype]
+    for name, path in metrics.weight_paths(args).items():
+        common += [metrics.METRICS[name].weights.flag, str(path)]
+    if args.skip_missing:
+        common.append("--skip-missing")
+    return st.start_workers(args.workers, args.device, lambda index, device: [
+        *common, "--worker-index", str(index), *(["--device", device] if device else [])])
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -288,15 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner = st.TrialRunner(study, config, _study_dir(args), device=device, dtype=args.dtype,
                                 weights=weights, keep_pipelines=args.keep_pipelines, progress=not args.quiet)
-        status = st.run_worker(study, config, runner, on_update=update, notify=say)
-        while any(p.poll() is None for p in procs):  # they finish their last trials
-            update(st.status(study, config))
-            time.sleep(st.POLL_S)
+        st.run_worker(study, config, runner, on_update=update, notify=say)
+        st.wait_for_workers(procs, study, config, on_update=update)  # they finish their last trials
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
+        st.stop_workers(procs)
     for i, p in enumerate(procs, start=1):
         if p.returncode:
             say(f"worker {i} exited with status {p.returncode} (its messages are above).")

@@ -14,6 +14,7 @@ from flux2lab.benchmark import (
     Gemm,
     Workload,
     measure_floor,
+    runner,
     skip_plan,
     spread_skips,
     step_workload,
@@ -130,7 +131,7 @@ def test_user_errors_name_the_flag(tmp_path, capsys, args, message):
 
 def test_multi_gpu_recipe_runs_the_bench_under_torchrun(tmp_path, monkeypatch):
     """The launch and the merge, with gloo on CPU standing in for NCCL (Ulysses and TeaCache on 2 ranks)."""
-    monkeypatch.setattr(benchmark, "visible_gpus", lambda device: 2)
+    monkeypatch.setattr(runner, "visible_gpus", lambda device: 2)
     recipe = Recipe(steps=4, ulysses_degree=2).replace(teacache={"enabled": True, "ret_steps": 1})
     cfg = benchmark.BenchConfig(model="tiny", recipe=recipe.save(tmp_path / "x2.json"), reps=1, warmup=0,
                                 floor=False, out=tmp_path / "out")
@@ -145,14 +146,14 @@ def test_multi_gpu_recipe_runs_the_bench_under_torchrun(tmp_path, monkeypatch):
 
 
 def test_a_rung_that_cannot_run_drops_out_of_the_rungs_above(tmp_path, monkeypatch):
-    real_apply = benchmark.apply
+    real_apply = runner.apply
 
     def no_compile(pipe, recipe):
         if recipe.compile:
             raise FeatureNotAvailable("torch.compile is not available here")
         return real_apply(pipe, recipe)
 
-    monkeypatch.setattr(benchmark, "apply", no_compile)
+    monkeypatch.setattr(runner, "apply", no_compile)
     cfg = benchmark.BenchConfig(model="tiny", device="cpu", ladder="eager-bf16,compile,+fp8", steps=3, reps=1,
                                 warmup=0, floor=False, out=tmp_path)
     result = benchmark.Bench(cfg, say=lambda m: None).run()

@@ -16,6 +16,7 @@ from flux2lab import calibrate, calibration
 from flux2lab.calibration import Samples
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.hooks import teacache
+from flux2lab.hooks.recorder import detach_recorder
 from flux2lab.pipeline.prompts import load_prompts
 from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS
 
@@ -102,7 +103,7 @@ def test_recorder_measures_the_model_output_and_teacaches_input_distance(tiny_pi
     finally:
         h1.remove()
         h2.remove()
-        calibration.detach_recorder(t)
+        detach_recorder(t)
     generated = int((ids[0][0, :, 0] == 0).sum())
     assert generated < ids[0].shape[1]  # the reference tokens were there
     out = [o[:, :generated] for o in outputs]

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from flux2lab.common.errors import Flux2LabError
 from flux2lab.frozen import main
 from flux2lab.pipeline.frozen import (
     FORMAT,
@@ -164,3 +165,96 @@ def test_freeze_a_plain_recipe_from_the_command_line(tmp_path):
         main([str(recipe), "--out", str(tmp_path / "f.json")])
     main([str(recipe), "--out", str(tmp_path / "f.json"), "--model", "tiny"])
     assert load_frozen(tmp_path / "f.json").model.source == "tiny"
+
+
+KEY = "team-secret"
+
+
+def test_a_rehashed_edit_passes_the_hash_but_not_the_signature(frozen_file, monkeypatch):
+    # The SHA-256 needs no secret: an edit that recomputes it loads. Signed with a key, the edit is caught.
+    def rehash(d, threshold=0.2):
+        d["recipe"]["teacache"]["threshold"] = threshold
+        d["sha256"] = hashlib.sha256(canonical_json({k: v for k, v in d.items()
+                                                     if k not in ("sha256", "signature")}).encode()).hexdigest()
+
+    _edit(frozen_file, rehash)
+    assert load_frozen(frozen_file).recipe.teacache.threshold == 0.2
+
+    monkeypatch.setenv("FLUX2LAB_FROZEN_KEY", KEY)
+    signed = load_frozen(frozen_file).save(frozen_file.parent / "signed.json")
+    assert json.loads(signed.read_text())["signature"].startswith("hmac-sha256:")
+    assert load_frozen(signed).signature == json.loads(signed.read_text())["signature"]
+    _edit(signed, lambda d: rehash(d, threshold=0.3))
+    with pytest.raises(FrozenConfigError, match="signature does not match FLUX2LAB_FROZEN_KEY") as e:
+        load_frozen(signed)
+    assert str(signed) in str(e.value) and "re-freeze" in str(e.value)
+
+
+def test_freeze_signs_and_a_wrong_key_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLUX2LAB_FROZEN_KEY", KEY)
+    path = freeze(RECIPE, "tiny").save(tmp_path / "f.json")
+    data = json.loads(path.read_text())
+    assert data["signature"].startswith("hmac-sha256:")
+    assert load_frozen(path).recipe == RECIPE
+    # The signature is outside what the hash covers: the hash of a signed file is the unsigned one's.
+    assert data["sha256"] == hashlib.sha256(canonical_json(
+        {k: v for k, v in data.items() if k not in ("sha256", "signature")}).encode()).hexdigest()
+    monkeypatch.setenv("FLUX2LAB_FROZEN_KEY", "another-key")
+    with pytest.raises(FrozenConfigError, match="signed with another key") as e:
+        load_frozen(path)
+    assert str(path) in str(e.value)
+    # Without the key, only the hash is checked, and --check says so.
+    monkeypatch.delenv("FLUX2LAB_FROZEN_KEY")
+    assert load_frozen(path).signature == data["signature"]
+    assert main([str(path), "--check"]) == 0
+    assert "signature not checked" in capsys.readouterr().out
+
+
+def test_require_signature_refuses_unsigned_and_keyless(tmp_path, monkeypatch, capsys):
+    unsigned = freeze(RECIPE, "tiny").save(tmp_path / "unsigned.json")
+    assert "signature" not in json.loads(unsigned.read_text())
+    monkeypatch.setenv("FLUX2LAB_FROZEN_REQUIRE_SIGNATURE", "1")
+    with pytest.raises(FrozenConfigError, match="FLUX2LAB_FROZEN_KEY is not set"):
+        load_frozen(unsigned)
+    monkeypatch.setenv("FLUX2LAB_FROZEN_KEY", KEY)
+    with pytest.raises(FrozenConfigError, match="not signed") as e:
+        load_frozen(unsigned)
+    assert "--sign" in str(e.value) and str(unsigned) in str(e.value)
+    assert load_frozen(unsigned, require_signature=False).recipe == RECIPE
+    # The fix the message names: sign the config as it is (same content, same sha256).
+    assert main([str(unsigned), "--sign", "--out", str(tmp_path / "signed.json")]) == 0
+    signed = load_frozen(tmp_path / "signed.json")
+    assert signed.sha256 == json.loads(unsigned.read_text())["sha256"] and signed.signature
+    assert main([str(tmp_path / "signed.json"), "--check"]) == 0
+    assert "signature verified" in capsys.readouterr().out
+    monkeypatch.setenv("FLUX2LAB_FROZEN_REQUIRE_SIGNATURE", "maybe")
+    with pytest.raises(FrozenConfigError, match="FLUX2LAB_FROZEN_REQUIRE_SIGNATURE"):
+        load_frozen(tmp_path / "signed.json")
+    monkeypatch.delenv("FLUX2LAB_FROZEN_REQUIRE_SIGNATURE")
+    monkeypatch.setenv("FLUX2LAB_FROZEN_KEY", "")
+    with pytest.raises(FrozenConfigError, match="set but empty"):
+        load_frozen(tmp_path / "signed.json")
+
+
+def test_damaged_signature_field_is_refused(tmp_path, monkeypatch):
+    path = freeze(RECIPE, "tiny").save(tmp_path / "f.json")
+    _edit(path, lambda d: d.update(signature=42))
+    with pytest.raises(FrozenConfigError, match="field 'signature'"):
+        load_frozen(path)
+
+
+def test_frozen_command_does_not_overwrite_silently(tmp_path, monkeypatch):
+    recipe = RECIPE.save(tmp_path / "recipe.json")
+    out = tmp_path / "f.json"
+    out.write_text("keep me")
+    with pytest.raises(Flux2LabError, match="already exists.*--force"):
+        main([str(recipe), "--out", str(out), "--model", "tiny"])
+    assert out.read_text() == "keep me"
+    assert main([str(recipe), "--out", str(out), "--model", "tiny", "--force"]) == 0
+    assert load_frozen(out).model.source == "tiny"
+    with pytest.raises(Flux2LabError, match="--sign needs the signing key"):
+        main([str(out), "--sign", "--out", str(tmp_path / "s.json")])
+    with pytest.raises(FrozenConfigError, match="is a folder"):
+        main([str(recipe), "--out", str(tmp_path), "--model", "tiny"])
+    with pytest.raises(FrozenConfigError, match="is a file, not a folder"):
+        main([str(recipe), "--out", str(out / "x.json"), "--model", "tiny"])

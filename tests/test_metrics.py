@@ -24,6 +24,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
 from flux2lab import metrics
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.metrics import clip, perceptual
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -208,13 +209,13 @@ def test_paired_metrics_on_different_images(alexnet_file):
 
 def test_lpips_uses_the_backbone_from_the_file(alexnet_file, tmp_path):
     saved = torch.load(alexnet_file)
-    net = metrics._lpips_net(alexnet_file, "alex", "cpu")
+    net = perceptual._lpips_net(alexnet_file, "alex", "cpu")
     torch.testing.assert_close(net.net.slice1[0].weight, saved["features.0.weight"])
     torch.testing.assert_close(getattr(net.net.slice5, "10").bias, saved["features.10.bias"])
     bad = tmp_path / ALEXNET_FILE
     torch.save({"features.0.weight": torch.zeros(1)}, bad)
     with pytest.raises(Flux2LabError, match="not a torchvision alexnet state dict"):
-        metrics._lpips_net(bad, "alex", "cpu")
+        perceptual._lpips_net(bad, "alex", "cpu")
 
 
 def test_bad_inputs_are_user_errors():
@@ -275,11 +276,11 @@ def test_clip_scores_load_the_checkpoint_file(clip_file):
     prompts = ["a red cat", "a blue dog", "a tree"]
     scores = metrics.clip_scores(a, prompts, clip_file, batch_size=2)
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 100))
-    model, tokenizer, prep = metrics._clip(clip_file, "ViT-B-32", "laion2b_s34b_b79k", "cpu")
+    model, tokenizer, prep = clip._clip(clip_file, "ViT-B-32", "laion2b_s34b_b79k", "cpu")
     saved = safetensors.torch.load_file(str(clip_file))
     torch.testing.assert_close(model.visual.conv1.weight, saved["visual.conv1.weight"])
     with torch.no_grad():
-        img = nn.functional.normalize(model.encode_image(metrics._clip_pixels(a[:1] / 255, prep)), dim=-1)
+        img = nn.functional.normalize(model.encode_image(clip._clip_pixels(a[:1] / 255, prep)), dim=-1)
         txt = nn.functional.normalize(model.encode_text(tokenizer(prompts[:1])), dim=-1)
     assert scores[0] == pytest.approx(max(100 * float((img * txt).sum()), 0.0), abs=1e-3)
     with pytest.raises(Flux2LabError, match="one prompt per image"):

@@ -17,6 +17,7 @@ from PIL import Image
 from flux2lab import reporting
 from flux2lab.cli import run_main
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.formatting import fmt_number
 
 SECTIONS = ("calibration", "search", "quality", "run", "speed", "provenance")
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_every_section_shows_what_the_folder_holds(experiments, written):
 
     metrics = json.loads((experiments / "compare" / "nvfp4" / "metrics.json").read_text())
     psnr = metrics["metrics"]["psnr"]["summary"]
-    assert f"[{reporting._num(psnr['low'])}, {reporting._num(psnr['high'])}]" in md
+    assert f"[{fmt_number(psnr['low'])}, {fmt_number(psnr['high'])}]" in md
     assert "Measured on model tiny" in md and "Not measured here: lpips, fid, clip" in md
 
     assert f"{frozen['sha256'][:12]} (verified)" in md and "= frozen/s.json" in md

@@ -1,4 +1,4 @@
-"""What every `python -m flux2lab.<command>` shares: quiet libraries, user errors without tracebacks."""
+"""What every flux2lab command shares: its parser, quiet libraries, user errors without tracebacks."""
 
 from __future__ import annotations
 
@@ -10,12 +10,34 @@ from collections.abc import Callable
 
 from flux2lab.common.errors import Flux2LabError
 
+# The trained built-in model: CPU-fast like tiny, but its quality numbers mean something (tiny's weights are random).
+DEFAULT_MODEL = "mini"
+MODEL_HELP = ("mini (small FLUX.2 trained on a synthetic world; prompts are its captions) | tiny (random weights) | "
+              "full-random | a hub id such as black-forest-labs/FLUX.2-dev | a local diffusers folder")
 
-def quiet_libraries() -> None:
-    """Silence per-call chatter from transformers/diffusers/torchao that buries the command's own output."""
+# Usage names of command modules launched by the `flux2lab` script (cli.main); the others are `python -m flux2lab.X`.
+_progs: dict[str, str] = {}
+
+
+def quiet_import_warnings() -> None:
+    """Silence what torch/torchao/diffusers log while being imported; runs when a command imports this module,
+    before the command's own imports (library code and notebooks that import flux2lab keep their settings)."""
     warnings.filterwarnings("ignore", message=".*Enum subclass.*")
     for name in ("transformers", "diffusers", "torchao", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torchao 0.18 registers enums with torch's pytree at import, and torch >= 2.11 logs a deprecation warning for
+    # each; diffusers warns at import that torchao 0.18 lacks tensor classes of older torchao checkpoints, which
+    # flux2lab never loads. Both loggers are named because their libraries reset their root loggers at import.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+
+
+quiet_import_warnings()
+
+
+def quiet_libraries() -> None:
+    """Silence per-call chatter from transformers/diffusers/torchao that buries the command's own output."""
+    quiet_import_warnings()
     try:
         import diffusers
         import transformers
@@ -40,16 +62,37 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     sys.exit(code or 0)
 
 
-# The trained built-in model: CPU-fast like tiny, but its quality numbers mean something (tiny's weights are random).
-DEFAULT_MODEL = "mini"
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends an option's help with "(default: X)", except where X says nothing: None, a flag's on/off value, []."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0 or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="mini (small FLUX.2 trained on a synthetic world; prompts are its captions) | tiny "
-                             "(random weights) | full-random | a hub id such as black-forest-labs/FLUX.2-dev | a "
-                             f"local diffusers folder (default: {DEFAULT_MODEL})")
+def command_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The parser of command module flux2lab.<module> (e.g. "zoo.train"): shared help format, usage name."""
+    return argparse.ArgumentParser(prog=_progs.get(module, f"python -m flux2lab.{module}"), description=description,
+                                   formatter_class=HelpFormatter)
+
+
+def set_prog(module: str, prog: str) -> None:
+    """Name command module flux2lab.<module> `prog` in its usage and errors (how the `flux2lab` script ran it)."""
+    _progs[module] = prog
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL,
+                   model_help: str = MODEL_HELP) -> None:
+    """--model, --device and --dtype (`parser` may be an argument group)."""
+    parser.add_argument("--model", default=model_default, help=model_help)
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="model dtype (default: bf16 on GPU, fp32 on CPU)")
 
+
+def shape_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """The --steps/--height/--width given on the command line, as Recipe.replace takes them (a command may lack
+    some of the flags)."""
+    given = {k: getattr(args, k, None) for k in ("steps", "height", "width")}
+    return {k: v for k, v in given.items() if v is not None}

@@ -5,6 +5,16 @@ study/trial, metrics, date), stored as JSON with a SHA-256 of its canonical form
 hash and checks the format and schema version, so a file edited by hand, truncated, or written by a newer
 flux2lab is refused with a message that says which, instead of silently running something nobody measured.
 
+What the hash protects: it detects accidental edits and corruption, not someone who edits the file and
+re-hashes it (the hash needs no secret). For tamper evidence, set `FLUX2LAB_FROZEN_KEY`: `freeze` and `save`
+then add an HMAC-SHA256 `signature` over the same content, and loading checks it:
+
+- a config with a signature is verified when the key is set (a wrong key or a re-hashed edit is refused);
+  without the key, only its hash is checked;
+- a config without a signature is accepted, unless `FLUX2LAB_FROZEN_REQUIRE_SIGNATURE=1` (or
+  `load_frozen(..., require_signature=True)`), which refuses it and also requires the key to be set.
+  Tamper evidence needs both variables: with the key alone, deleting the `signature` field passes.
+
     frozen = freeze(recipe, pipe, {"calibration": "experiments/calibration/x/fit.json", "study": "s", "trial": 7,
                                    "metrics": {"lpips": 0.08}})
     frozen.save("experiments/frozen/x.json")
@@ -14,7 +24,9 @@ flux2lab is refused with a message that says which, instead of silently running 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -24,6 +36,7 @@ from typing import Any
 
 from flux2lab import __version__
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.files import atomic_write_text
 from flux2lab.pipeline.models import ModelInfo
 from flux2lab.pipeline.recipe import Recipe
 
@@ -32,6 +45,10 @@ SCHEMA_VERSION = 1
 PROVENANCE_KEYS = ("calibration", "study", "trial", "metrics", "notes")
 REFREEZE_HINT = ("python -m flux2lab.frozen {src} --out NEW.json (re-freezes its recipe and model with this "
                  "flux2lab; the new file records that it was re-frozen)")
+KEY_ENV = "FLUX2LAB_FROZEN_KEY"
+REQUIRE_ENV = "FLUX2LAB_FROZEN_REQUIRE_SIGNATURE"
+SIGNATURE_PREFIX = "hmac-sha256:"
+SIGN_HINT = f"{KEY_ENV}=KEY python -m flux2lab.frozen {{src}} --sign --out SIGNED.json"
 
 
 class FrozenConfigError(Flux2LabError):
@@ -46,6 +63,33 @@ def canonical_json(data: Any) -> str:
 def json_sha256(data: Any) -> str:
     """SHA-256 of `data`'s canonical JSON: what a frozen config records, and how reports name a recipe."""
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def signing_key() -> bytes | None:
+    """The HMAC key from FLUX2LAB_FROZEN_KEY, or None when it is not set."""
+    key = os.environ.get(KEY_ENV)
+    if key is None:
+        return None
+    if not key:
+        raise FrozenConfigError(f"{KEY_ENV} is set but empty: give the signing key, or unset it to not sign.")
+    return key.encode()
+
+
+def signature_required(require: bool | None = None) -> bool:
+    """`require` if given, else FLUX2LAB_FROZEN_REQUIRE_SIGNATURE (1/true/yes or 0/false/no; unset = no)."""
+    if require is not None:
+        return require
+    value = os.environ.get(REQUIRE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise FrozenConfigError(f"{REQUIRE_ENV}={value!r}: use 1 (refuse unsigned configs) or 0.")
+
+
+def sign(content: Mapping[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 of `content`'s canonical JSON (the bytes the sha256 covers), as 'hmac-sha256:<hex>'."""
+    return SIGNATURE_PREFIX + hmac.new(key, canonical_json(content).encode(), hashlib.sha256).hexdigest()
 
 
 def _freeze_json(value: Any) -> Any:
@@ -107,24 +151,33 @@ class FrozenConfig:
     provenance: Mapping[str, Any]
     sha256: str
     schema_version: int = SCHEMA_VERSION
+    signature: str | None = None
 
     @property
     def short_hash(self) -> str:
         return self.sha256[:12]
 
     def content(self) -> dict[str, Any]:
-        """Everything the hash covers (the file minus its `sha256` field)."""
+        """Everything the hash and signature cover (the file minus its `sha256` and `signature` fields)."""
         return {"format": FORMAT, "schema_version": self.schema_version, "recipe": self.recipe.to_dict(),
                 "model": self.model.to_dict(), "provenance": _thaw_json(self.provenance)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.content(), "sha256": self.sha256}
+        signature = {"signature": self.signature} if self.signature else {}
+        return {**self.content(), "sha256": self.sha256, **signature}
 
     def save(self, path: str | Path) -> Path:
+        """Write the config (atomically); signed with FLUX2LAB_FROZEN_KEY when it is set."""
         path = Path(path)
+        key = signing_key()
+        data = self.to_dict() if key is None else {**self.to_dict(), "signature": sign(self.content(), key)}
+        if path.is_dir():
+            raise FrozenConfigError(f"{path} is a folder; give a file name such as {path / 'frozen.json'}.")
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise FrozenConfigError(f"cannot write {path}: {blocker} is a file, not a folder. Choose another path.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def model_warnings(self, info: ModelInfo) -> list[str]:
         """Differences between the calibrated model and the loaded one that a user should see (not errors:
@@ -183,15 +236,22 @@ def freeze(recipe: Recipe, model: Any, provenance: Mapping[str, Any] | None = No
         raise FrozenConfigError(f"freeze() takes a Recipe, got {type(recipe).__name__}.")
     identity = ModelIdentity.of(model)
     prov = _provenance(recipe, provenance, created)
-    unsigned = FrozenConfig(recipe, identity, _freeze_json(prov), sha256="")
-    return replace(unsigned, sha256=json_sha256(unsigned.content()))
+    unhashed = FrozenConfig(recipe, identity, _freeze_json(prov), sha256="")
+    key = signing_key()
+    return replace(unhashed, sha256=json_sha256(unhashed.content()),
+                   signature=sign(unhashed.content(), key) if key else None)
 
 
 def _read(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise FrozenConfigError(f"{path} is a folder; give the frozen config or recipe JSON file in it.")
     if not path.is_file():
         raise FrozenConfigError(f"frozen config {path} does not exist.")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise FrozenConfigError(f"{path}: not UTF-8 text (byte {e.start}); a frozen config is a JSON file. "
+                                "Re-freeze it from its study or recipe.") from None
     except json.JSONDecodeError as e:
         raise FrozenConfigError(f"{path}: not valid JSON ({e}); the file is damaged. Re-freeze it from its "
                                 "study or recipe.") from None
@@ -200,8 +260,34 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_frozen(path: str | Path) -> FrozenConfig:
-    """Read and verify a frozen config: format, schema version, hash, then the recipe's own validation."""
+def _check_signature(path: Path, content: dict[str, Any], signature: Any, require: bool) -> None:
+    """The module docstring's rule: verify a signature when the key is set; refuse unsigned ones if required."""
+    key = signing_key()
+    if require and key is None:
+        raise FrozenConfigError(f"{REQUIRE_ENV} asks for signed frozen configs, but {KEY_ENV} is not set: set the "
+                                f"key the configs were signed with (or unset {REQUIRE_ENV}) to load {path}.")
+    if signature is None:
+        if require:
+            raise FrozenConfigError(f"{path} is not signed, and {REQUIRE_ENV} refuses unsigned frozen configs. "
+                                    f"If you trust its content, sign it: {SIGN_HINT.format(src=path)}.")
+        return
+    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+        raise FrozenConfigError(f"{path}: field 'signature' must be '{SIGNATURE_PREFIX}<hex>', got {signature!r}; "
+                                "the file is damaged. Restore the original.")
+    if key is not None and not hmac.compare_digest(signature, sign(content, key)):
+        raise FrozenConfigError(
+            f"{path}: its signature does not match {KEY_ENV}: either the file was changed and re-hashed after it "
+            f"was signed, or it was signed with another key. Use the key it was signed with; otherwise do not "
+            f"run it: restore the original, or re-freeze and sign it: {KEY_ENV}=KEY "
+            f"{REFREEZE_HINT.format(src=path)}."
+        )
+
+
+def load_frozen(path: str | Path, *, require_signature: bool | None = None) -> FrozenConfig:
+    """Read and verify a frozen config: format, schema version, hash, signature, then the recipe's own validation.
+
+    `require_signature` (default: FLUX2LAB_FROZEN_REQUIRE_SIGNATURE) refuses configs without a signature.
+    """
     path = Path(path)
     data = _read(path)
     hint = REFREEZE_HINT.format(src=path)
@@ -220,7 +306,7 @@ def load_frozen(path: str | Path) -> FrozenConfig:
         raise FrozenConfigError(f"{path}: unknown schema_version {version!r} (this flux2lab reads "
                                 f"{SCHEMA_VERSION}). Re-freeze it: {hint}.")
     stored = data.get("sha256")
-    content = {k: v for k, v in data.items() if k != "sha256"}
+    content = {k: v for k, v in data.items() if k not in ("sha256", "signature")}
     try:
         actual = json_sha256(content)
     except (TypeError, ValueError):
@@ -231,6 +317,7 @@ def load_frozen(path: str | Path) -> FrozenConfig:
             f"sha256 {stored}. Frozen configs are not edited by hand (the recipe's metrics were measured for "
             f"the original). Restore the original, or, if the change is intended, re-freeze it: {hint}."
         )
+    _check_signature(path, content, data.get("signature"), signature_required(require_signature))
     unknown = sorted(set(content) - {"format", "schema_version", "recipe", "model", "provenance"})
     if unknown:
         raise FrozenConfigError(f"{path}: unknown field(s) {unknown} for schema_version {SCHEMA_VERSION}.")
@@ -238,7 +325,7 @@ def load_frozen(path: str | Path) -> FrozenConfig:
     if not isinstance(content.get("provenance"), dict):
         raise FrozenConfigError(f"{path}: field 'provenance' must be an object.")
     return FrozenConfig(recipe, ModelIdentity.of(content.get("model")), _freeze_json(content["provenance"]),
-                        stored, version)
+                        stored, version, data.get("signature"))
 
 
 def refreeze(path: str | Path, model: Any | None = None) -> FrozenConfig:

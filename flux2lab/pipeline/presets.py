@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.pipeline.recipe import Recipe
+from flux2lab.pipeline.recipe import Recipe, is_number
 
 PRESET_HELP = ("a recipe JSON file, or presets joined by '+': bf16 | fp8 | nvfp4 | te-fp8 | teacache | "
                "teacache@FIT.json | thresh=X | ret=N | cutoff=N (e.g. nvfp4+teacache@fit.json+thresh=0.3)")
@@ -25,12 +25,19 @@ PRESET_HELP = ("a recipe JSON file, or presets joined by '+': bf16 | fp8 | nvfp4
 def coefficients_from_fit(path: str | Path) -> tuple[float, ...]:
     """The polynomial a calibration wrote to fit.json (highest degree first)."""
     path = Path(path)
+    if path.is_dir():
+        raise Flux2LabError(f"calibration fit {path} is a folder; give the fit.json in it.")
     if not path.is_file():
         raise Flux2LabError(f"calibration fit {path} does not exist; make one with python -m flux2lab.calibrate.")
     try:
-        coeffs = json.loads(path.read_text())["coefficients"]
+        coeffs = json.loads(path.read_text(encoding="utf-8"))["coefficients"]
+    except UnicodeDecodeError:
+        raise Flux2LabError(f"{path}: not UTF-8 text, so not a calibration fit; re-run calibrate.") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise Flux2LabError(f"{path}: not a calibration fit (no 'coefficients' list); re-run calibrate.") from None
+    if not isinstance(coeffs, list) or not coeffs or not all(is_number(c) for c in coeffs):
+        raise Flux2LabError(f"{path}: 'coefficients' must be a non-empty list of finite numbers (highest degree "
+                            f"first), got {coeffs!r}; re-run calibrate.")
     return tuple(float(c) for c in coeffs)
 
 

@@ -1,8 +1,9 @@
 """Prompt sets: JSONL manifests (or plain text, one prompt a line), checked before any model work.
 
 A manifest line is a JSON object: `prompt` (required, non-empty text), `images` (optional list of reference
-image paths, relative to the manifest's folder, for multi-reference editing), `seed` (optional int) and
-`id` (optional). Every problem is reported with file, line and field, so a typo found after an hour of
+image paths, relative to the manifest's folder, for multi-reference editing; each is opened as an image),
+`seed` (optional int from 0 to 2**63-1) and `id` (optional; it names output files, so no path separators).
+Files are UTF-8. Every problem is reported with file, line and field, so a typo found after an hour of
 generation is found at start-up instead.
 """
 
@@ -16,6 +17,7 @@ from flux2lab.common.errors import Flux2LabError
 from flux2lab.pipeline.core import Prompt
 
 _FIELDS = {"prompt", "images", "seed", "id"}
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes seeds from 0 to 2**63-1 (and wraps larger ones)
 
 
 @dataclass(frozen=True)
@@ -42,26 +44,51 @@ def _entry(obj: object, path: Path, line: int) -> PromptEntry:
     images = obj.get("images", [])
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise Flux2LabError(f"{where}: field 'images' must be a list of image paths, got {images!r}.")
-    resolved = []
-    for img in images:
-        p = (path.parent / img) if not Path(img).is_absolute() else Path(img)
-        if not p.is_file():
-            raise Flux2LabError(f"{where}: field 'images' names {img}, which does not exist (looked at {p}).")
-        resolved.append(str(p))
+    resolved = [str(_reference_image(img, path, where)) for img in images]
     seed = obj.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise Flux2LabError(f"{where}: field 'seed' must be a non-negative integer, got {seed!r}.")
-    ident = obj.get("id", f"{path.stem}-{line}")
-    return PromptEntry(Prompt(text.strip(), tuple(resolved)), seed, str(ident))
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+        raise Flux2LabError(f"{where}: field 'seed' must be an integer from 0 to 2**63-1, got {seed!r}.")
+    ident = str(obj.get("id", f"{path.stem}-{line}"))
+    if ident in ("", ".", "..") or any(c in ident for c in "/\\\0"):
+        raise Flux2LabError(f"{where}: field 'id' {ident!r} names output files, so it cannot be empty, '.' or '..' "
+                            "or hold '/' or '\\'; give a plain name such as 'portrait-1'.")
+    return PromptEntry(Prompt(text.strip(), tuple(resolved)), seed, ident)
+
+
+def _reference_image(img: str, manifest: Path, where: str) -> Path:
+    """The file a manifest's `images` entry names, checked to be an image PIL can open."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = (manifest.parent / img) if not Path(img).is_absolute() else Path(img)
+    if p.is_dir():
+        raise Flux2LabError(f"{where}: field 'images' names {img}, which is a folder ({p}); name an image file.")
+    if not p.is_file():
+        raise Flux2LabError(f"{where}: field 'images' names {img}, which does not exist (looked at {p}).")
+    try:
+        with Image.open(p) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise Flux2LabError(f"{where}: field 'images' names {img}, which is not an image that can be opened "
+                            f"({p}: {e}); give a PNG, JPEG or WebP file.") from None
+    return p
 
 
 def load_prompts(path: str | Path) -> list[PromptEntry]:
     """Read and check a prompt set: `.jsonl` manifest, or any other file as one prompt per line."""
     path = Path(path)
+    if path.is_dir():
+        raise Flux2LabError(f"prompt file {path} is a folder; give the .jsonl manifest (or text file) in it.")
     if not path.is_file():
         raise Flux2LabError(f"prompt file {path} does not exist.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise Flux2LabError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the prompt "
+                            "file as UTF-8.") from None
     entries = []
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -84,4 +111,10 @@ def load_prompts(path: str | Path) -> list[PromptEntry]:
 
 def seeds_for(entries: list[PromptEntry], default_seed: int) -> list[int]:
     """Each entry's own seed, else `default_seed` + its position (distinct, reproducible seeds)."""
+    if not 0 <= default_seed <= MAX_SEED:
+        raise Flux2LabError(f"--seed {default_seed}: seeds are integers from 0 to 2**63-1; give one in that range.")
+    last = default_seed + max(len(entries) - 1, 0)
+    if last > MAX_SEED:
+        raise Flux2LabError(f"--seed {default_seed}: prompts without their own seed get --seed + their position, "
+                            f"up to {last}, past the largest seed 2**63-1; give a smaller --seed.")
     return [e.seed if e.seed is not None else default_seed + i for i, e in enumerate(entries)]

@@ -21,6 +21,7 @@ from flux2lab.pipeline.models import free_memory, load_pipeline, model_info
 from flux2lab.pipeline.prompts import PromptEntry
 from flux2lab.pipeline.recipe import Recipe
 from flux2lab.quality.grid import comparison_grid
+from flux2lab.zoo import yardstick  # noqa: F401 (registers the metric "yardstick" that comparisons on mini use)
 
 # What a comparison measures unless told otherwise (compare, the demo and the report use this list).
 DEFAULT_METRICS = ("lpips", "psnr", "ssim", "fid", "clip")

@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
 
 def difference_map(a: Image.Image, b: Image.Image) -> np.ndarray:
@@ -26,7 +23,8 @@ def comparison_grid(
     pairs, captions = list(pairs)[:max_rows], list(captions)[:max_rows]
     diffs = [difference_map(a, b) for a, b in pairs]
     vmax = max(max(float(d.max()) for d in diffs), 1.0)
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(9, 3 * len(pairs)), squeeze=False)
+    fig = Figure(figsize=(9, 3 * len(pairs)))
+    axes = fig.subplots(len(pairs), 3, squeeze=False)
     for row, ((a, b), d, cap) in enumerate(zip(pairs, diffs, captions)):
         for col, (img, title) in enumerate([(a, labels[0]), (b, labels[1])]):
             axes[row, col].imshow(img)
@@ -41,5 +39,4 @@ def comparison_grid(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path

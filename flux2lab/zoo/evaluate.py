@@ -21,19 +21,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import Flux2Pipeline
 
-from flux2lab.cli import add_model_args, run_main
+from flux2lab.cli import add_model_args, command_parser, run_main, shape_overrides
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.pipeline.core import Generation, ImageRecord, Prompt, applied_recipe, apply, generate, resolution
 from flux2lab.pipeline.models import model_info
 from flux2lab.pipeline.presets import PRESET_HELP, resolve_recipe
 from flux2lab.pipeline.recipe import Recipe
 from flux2lab.zoo import world, yardstick
+
+if TYPE_CHECKING:
+    from diffusers import Flux2Pipeline
 
 REAL_SEED = 10_000  # real images come from seeds no evaluation prompt uses
 FLOOR_SEED = 20_000  # the floor's real draws: seeds FLOOR_SEED, FLOOR_SEED + 1, ...
@@ -204,8 +206,8 @@ def compare(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.zoo.evaluate",
+    p = command_parser(
+        "zoo.evaluate",
         description="Attribute accuracy and domain FID of a model on held-out captions of the mini world; "
         "with --baseline, what a recipe costs against another on the same prompts and seeds.",
     )
@@ -213,13 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help=f"recipe to evaluate (default: plain BF16, 50 steps): {PRESET_HELP}")
     p.add_argument("--baseline", help="recipe to compare against (same model, prompts, seeds), as --recipe")
     p.add_argument("--steps", type=int, help="denoising steps (overrides both recipes)")
-    p.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="first caption/seed index (default 0)")
+    p.add_argument("--n", type=int, default=200, help="held-out captions")
+    p.add_argument("--seed", type=int, default=0, help="first caption/seed index")
     p.add_argument(
         "--batch-size",
         type=int,
         default=1,
-        help="images per pipeline call; >1 is faster on a GPU, not allowed with TeaCache (default 1)",
+        help="images per pipeline call; >1 is faster on a GPU, not allowed with TeaCache",
     )
     p.add_argument(
         "--cache",
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def recipe_of(spec: str | None) -> Recipe:
         r = resolve_recipe(spec) if spec else Recipe()
-        return r.replace(steps=args.steps) if args.steps else r
+        return r.replace(**shape_overrides(args))
 
     model = yardstick.load(args.yardstick_weights)
     real = real_images(max(args.n, 500))

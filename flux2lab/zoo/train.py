@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from flux2lab.cli import run_main
+from flux2lab.cli import command_parser, run_main
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.zoo import mini, store, world, yardstick
 
@@ -349,8 +349,8 @@ def evaluate_all(out: Path, yardstick_model, n: int, steps: int, device: torch.d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.zoo.train",
+    p = command_parser(
+        "zoo.train",
         description="Train the mini model (VAE, transformer; text encoder drawn from a seed) and its "
         "yardstick on the synthetic world, within a wall-clock budget; then score it on held-out captions.",
     )
@@ -361,19 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-s",
         type=float,
         default=390.0,
-        help="wall-clock seconds for training, all phases (default 390; evaluation comes on top)",
+        help="wall-clock seconds for training, all phases; evaluation comes on top",
     )
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if present)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the text encoder and the training images")
     p.add_argument("--smoke", action="store_true", help="tiny networks and batches: checks the code on a CPU")
     p.add_argument("--max-steps", type=int, help="cap on optimisation steps per phase (tests)")
-    p.add_argument("--batch", type=int, help="transformer batch size (default 256; smoke 4)")
-    p.add_argument("--captions", type=int, help="distinct training captions (default 30000; smoke 32)")
-    p.add_argument("--renders", type=int, help="renders (jitter variants) per training caption (default 4)")
+    p.add_argument("--batch", type=int, help="transformer batch size (default: 256; smoke 4)")
+    p.add_argument("--captions", type=int, help="distinct training captions (default: 30000; smoke 32)")
+    p.add_argument("--renders", type=int, help="renders (jitter variants) per training caption (default: 4)")
     p.add_argument(
-        "--eval-n", type=int, default=200, help="held-out captions to score at the end (default 200)"
+        "--eval-n", type=int, default=200, help="held-out captions to score at the end"
     )
-    p.add_argument("--eval-steps", type=int, default=50, help="sampling steps for that score (default 50)")
+    p.add_argument("--eval-steps", type=int, default=50, help="sampling steps for that score")
     p.add_argument("--no-eval", action="store_true", help="skip the final scoring")
     p.add_argument(
         "--resume",

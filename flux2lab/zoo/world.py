@@ -1,4 +1,4 @@
-"""The synthetic world the `mini` model is trained on: scenes with ground truth, their captions, their images.
+"""The `mini` model's synthetic world: scenes with ground truth, their captions (as prompt files), their images.
 
 A scene is 1-3 shapes (circle, square, triangle; six colours; small or large) at distinct places (left,
 right, top, bottom) on a plain, striped or dotted background. Its caption is derived from the scene and
@@ -297,21 +297,21 @@ def write_prompts(path, n: int, seed: int = 0, split: str = "heldout") -> list[S
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from flux2lab.cli import command_parser
 
-    p = argparse.ArgumentParser(
-        prog="python -m flux2lab.zoo.world",
+    p = command_parser(
+        "zoo.world",
         description="Write a prompt manifest of mini-world captions (held-out ones by default: the model "
         "never trained on them), to calibrate, search or compare on the mini model.",
     )
     p.add_argument("--out", required=True, help="the .jsonl file to write")
-    p.add_argument("--n", type=int, default=50, help="number of prompts (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i gets seed SEED+i (default 0)")
+    p.add_argument("--n", type=int, default=50, help="number of prompts")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i gets seed SEED+i")
     p.add_argument(
         "--split",
         default="heldout",
         choices=["heldout", "train", "all"],
-        help="held-out captions (default), training captions, or both",
+        help="held-out captions, training captions, or both",
     )
     args = p.parse_args(argv)
     if args.n < 1:

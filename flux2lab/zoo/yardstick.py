@@ -6,7 +6,8 @@ facts it shows: each stated thing's shape, colour and size at its stated place, 
 empty, and the background. That is a checkable stand-in for CLIP score on this world. The classifier's
 penultimate features give a *domain FID* (Fréchet distance between feature Gaussians), a stand-in for FID.
 
-Both are exposed through `flux2lab.metrics` as the metric "yardstick" (see `register`).
+Both are exposed through `flux2lab.metrics` as the metric "yardstick", registered when this module is
+imported (`import flux2lab.zoo` does it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.metrics import WeightFile, WeightSpec, fid_from_features, register_metric
 from flux2lab.zoo import store, world
 
 FEATURES = 128
@@ -158,14 +160,13 @@ def features(model: Yardstick, images) -> np.ndarray:
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets."""
     try:
-        from flux2lab.metrics import fid_from_features
+        return fid_from_features(features_a, features_b)
     except (ImportError, RuntimeError):
         # The training GPU may lack (or mismatch) torchmetrics/torchvision/open_clip: same formula in torch.
         a, b = (torch.as_tensor(f, dtype=torch.float64) for f in (features_a, features_b))
         ca, cb = torch.cov(a.T), torch.cov(b.T)
         covmean = torch.linalg.eigvals(ca @ cb).sqrt().real.sum()
         return float(((a.mean(0) - b.mean(0)) ** 2).sum() + ca.trace() + cb.trace() - 2 * covmean)
-    return fid_from_features(features_a, features_b)
 
 
 def domain_fid(model: Yardstick, images_a, images_b) -> float:
@@ -193,8 +194,6 @@ def load(path: str | Path | None = None, device: str = "cpu") -> Yardstick:
 
 
 def _locate(options):
-    from flux2lab.metrics import WeightFile
-
     path = store.path_of("yardstick")
     return WeightFile(
         (path.name,),
@@ -217,10 +216,6 @@ def _metric(inputs, path, options) -> dict:
     }
 
 
-def register() -> None:
-    """Register the metric "yardstick" in flux2lab.metrics (called at the end of that module)."""
-    from flux2lab.metrics import WeightSpec, register_metric
-
-    register_metric(
-        "yardstick", _metric, weights=WeightSpec(ENV_VAR, "--yardstick-weights", _locate), needs_prompts=True
-    )
+register_metric(
+    "yardstick", _metric, weights=WeightSpec(ENV_VAR, "--yardstick-weights", _locate), needs_prompts=True
+)
