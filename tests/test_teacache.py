@@ -318,6 +318,82 @@ def test_overhead_script_runs_on_cpu(tmp_path):
     assert "| skipped |" in (tmp_path / "teacache_overhead.md").read_text()
 
 
+# --- the residual predictor (residual_order=1) -------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_residual_order_one_follows_the_line_through_the_last_two_computed_residuals():
+    plain = _transformer()
+    (b0, x0), (b1, x1) = (_block_output_and_embedding(plain, _inputs(s)) for s in (0, 1))
+    step2 = _inputs(2)
+    x2 = plain.x_embedder(step2["hidden_states"])
+    temb2 = plain.time_guidance_embed(step2["timestep"] * 1000, step2["guidance"] * 1000)
+    r0, r1 = b0 - x0, b1 - x1
+    for slope in (1.0, 0.5):
+        t = _transformer()
+        teacache.apply_teacache(t, TeaCacheConfig(num_inference_steps=4, ret_steps=0, replay_skips=(2,),
+                                                  residual_order=1, residual_slope=slope))
+        t(**_inputs(0))
+        t(**_inputs(1))
+        expected = plain.proj_out(plain.norm_out(x2 + r1 + slope * (r1 - r0), temb2))  # steps 0, 1 -> step 2
+        torch.testing.assert_close(t(**step2)[0], expected)
+
+
+def test_predict_residual_in_step_count():
+    r0, r1 = torch.zeros(2), torch.ones(2)
+    assert torch.equal(teacache.predict_residual([(3, r1)], 5), r1)  # one residual: reused as it is
+    assert teacache.predict_residual([(1, r0), (3, r1)], 6).tolist() == [2.5, 2.5]  # slope 1/2 per step, 3 on
+    assert teacache.predict_residual([(1, r0), (3, r1)], 6, slope=0.5).tolist() == [1.75, 1.75]
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"residual_order": 2}, "residual_order"),
+    ({"residual_order": True}, "residual_order"),
+    ({"residual_slope": -0.5}, "residual_slope"),
+    ({"residual_slope": math.inf}, "residual_slope"),
+])
+def test_bad_predictor_config_names_the_field(changes, field):
+    with pytest.raises(Flux2LabError, match=f"TeaCacheConfig.{field}"):
+        TeaCacheConfig(num_inference_steps=10, **changes)
+
+
+def test_on_mini_the_predictor_beats_reuse_at_equal_compute(one_thread):
+    """mini (trained), 2 held-out captions, 30 steps, mini's own fit, threshold 0.05, ret_steps 3: the same
+    skipped steps (replayed from plain TeaCache's decisions) with the extrapolated residual are closer to the
+    uncached images."""
+    from flux2lab import metrics
+    from flux2lab.pipeline.models import load_pipeline
+    from flux2lab.zoo.evaluate import heldout_prompts
+
+    pipe = load_pipeline("mini", device="cpu")
+    fit = json.loads((Path(__file__).resolve().parents[1] / "reports/mini/calibration/fit.json").read_text())
+    recipe = Recipe(steps=30)
+    apply(pipe, recipe)
+    prompts, seeds = heldout_prompts(2, seed=0), [0, 1]
+    uncached = generate(pipe, prompts, seeds, recipe).images
+
+    def cached(**changes):
+        out, patterns = [], []
+        for prompt, seed in zip(prompts, seeds):
+            teacache.apply_teacache(pipe.transformer, TeaCacheConfig(
+                num_inference_steps=30, coefficients=fit["coefficients"], threshold=0.05, ret_steps=3, **changes))
+            out += generate(pipe, [prompt], seed, recipe).images
+            patterns.append([e["computed"] for e in teacache.teacache_log(pipe.transformer)])
+        return metrics.psnr(uncached, out, device="cpu"), patterns
+
+    reuse, patterns = cached()
+    skips = [[s for s, computed in enumerate(p) if not computed] for p in patterns]
+    assert all(len(s) >= 12 for s in skips)  # both skip at least 40% of the steps
+    line = []
+    for prompt, seed, skipped in zip(prompts, seeds, skips):
+        teacache.apply_teacache(pipe.transformer, TeaCacheConfig(
+            num_inference_steps=30, coefficients=fit["coefficients"], ret_steps=3, replay_skips=skipped,
+            residual_order=1))
+        line += generate(pipe, [prompt], seed, recipe).images
+    predicted = metrics.psnr(uncached, line, device="cpu")
+    assert all(predicted > reuse + 3)  # dB, image by image
+
+
 # --- reference tokens under context parallelism (two gloo ranks) -----------------------------------------
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.hooks import teacache
-from flux2lab.pipeline.models import model_info
+from flux2lab.pipeline.models import compute_device, free_memory, model_info
 from flux2lab.pipeline.recipe import Recipe
 from flux2lab.quantizers import TEXT_ENCODER_KEEP, quantize
 
@@ -68,6 +68,7 @@ class Generation:
 
     images: list[Any]
     records: list[ImageRecord]
+    encode_s: float = 0.0  # prompts encoded up front (release_text_encoder), outside the images' wall times
 
     @property
     def mean_wall_s(self) -> float:
@@ -100,11 +101,23 @@ def apply(pipe: Flux2Pipeline, recipe: Recipe) -> Flux2Pipeline:
 
 
 def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
-    # Quantize first: compile and CUDA graphs must see the final (quantized) layers.
-    quantize(pipe.transformer, recipe.transformer_precision, backend=recipe.quant_backend)
-    if pipe.text_encoder is not None:
-        quantize(pipe.text_encoder, recipe.text_encoder_precision, backend=recipe.quant_backend,
-                 keep=TEXT_ENCODER_KEEP)
+    # Quantize first: compile and CUDA graphs must see the final (quantized) layers. Each component is quantized
+    # on the compute device; a staged pipeline (models.load_pipeline(staged=True)) is moved there one component
+    # at a time, so only one is ever on the card in BF16, and components to offload go back to host memory.
+    device = compute_device(pipe)
+    for name, precision, keep in (("transformer", recipe.transformer_precision, None),
+                                  ("text_encoder", recipe.text_encoder_precision, TEXT_ENCODER_KEEP)):
+        module = getattr(pipe, name)
+        if module is None:
+            continue
+        module.to(device)
+        quantize(module, precision, backend=recipe.quant_backend, keep=keep)
+        if recipe.offload != "none":
+            module.to("cpu")
+    if recipe.offload == "none":
+        pipe.to(device)
+    else:
+        _offload(pipe, recipe.offload, device)
     if recipe.ulysses_degree > 1:
         from flux2lab import parallel
 
@@ -118,6 +131,45 @@ def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
         # Regional compilation: each repeated block is compiled once and reused, so warm-up takes seconds,
         # not minutes, and the step is as fast as a whole-model compile (diffusers' recommendation).
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
+
+
+def _offload(pipe: Flux2Pipeline, mode: str, device: torch.device) -> None:
+    """diffusers' own offloading: `model` keeps one component on the card at a time; `group` one block at a
+    time, the next one prefetched on a side CUDA stream."""
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                  num_blocks_per_group=1, use_stream=device.type == "cuda")
+
+
+def encode_prompts(pipe: Flux2Pipeline, texts: Sequence[str]) -> None:
+    """Encode prompts now and keep their embeddings (in host memory) for `generate`."""
+    info = model_info(pipe)
+    cache = getattr(pipe, "flux2lab_prompt_embeds", None)
+    if cache is None:
+        cache = pipe.flux2lab_prompt_embeds = {}
+    for text in dict.fromkeys(texts):
+        if text not in cache:
+            embeds, _ = pipe.encode_prompt(prompt=text, device=compute_device(pipe),
+                                           max_sequence_length=info.max_sequence_length,
+                                           text_encoder_out_layers=info.text_encoder_out_layers)
+            cache[text] = embeds.to("cpu")
+
+
+def drop_text_encoder(pipe: Flux2Pipeline) -> None:
+    """Drop the text encoder (24B parameters for FLUX.2 [dev]) once every prompt is encoded; the pipeline then
+    generates only the prompts `encode_prompts` kept."""
+    if pipe.text_encoder is None:
+        return
+    recipe = applied_recipe(pipe)
+    remodel = recipe is not None and recipe.offload == "model"
+    if remodel:
+        pipe.remove_all_hooks()  # the hook chain holds the encoder; rebuilt below without it
+    pipe.register_modules(text_encoder=None)
+    if remodel:
+        pipe.enable_model_cpu_offload(device=compute_device(pipe))
+    free_memory()
 
 
 def _apply_teacache(pipe: Flux2Pipeline, recipe: Recipe) -> None:
@@ -166,11 +218,15 @@ def generate(
     *,
     time_steps: bool = False,
     progress: bool = False,
+    release_text_encoder: bool = False,
 ) -> Generation:
     """Make one image per (prompt, seed) pair with the recipe (applied first if it is not yet).
 
     `seeds` is one seed for every prompt or one per prompt. With `time_steps`, every denoising step is
-    timed (the device is synchronised after each step, which costs a little).
+    timed (the device is synchronised after each step, which costs a little). With `release_text_encoder`,
+    every prompt is encoded up front (`Generation.encode_s`; then not in the images' times) and the text
+    encoder is dropped before the first image: for runs that know all their prompts, it frees the encoder's
+    memory (44 GiB in BF16 for FLUX.2 [dev]) for the denoising; the images are the same.
     """
     from tqdm.auto import tqdm
 
@@ -182,7 +238,14 @@ def generate(
         apply(pipe, recipe)
     info = model_info(pipe)
     height, width = resolution(pipe, recipe)
-    device = pipe.transformer.device
+    device = compute_device(pipe)
+    encode_s = 0.0
+    if release_text_encoder and not info.synthetic_text and pipe.text_encoder is not None:
+        start = time.perf_counter()
+        encode_prompts(pipe, [p.text for p in prompts])
+        encode_s = time.perf_counter() - start
+        drop_text_encoder(pipe)
+    embeds = getattr(pipe, "flux2lab_prompt_embeds", {})
     images, records = [], []
     for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="images", disable=not progress, unit="img"):
         step_ends: list[float] = []
@@ -200,8 +263,17 @@ def generate(
         if info.synthetic_text:
             call.update(prompt_embeds=synthetic_prompt_embeds(pipe, prompt.text), output_type="latent")
         else:
-            call.update(prompt=prompt.text, max_sequence_length=info.max_sequence_length,
+            call.update(max_sequence_length=info.max_sequence_length,
                         text_encoder_out_layers=info.text_encoder_out_layers, output_type="pil")
+            if prompt.text in embeds:
+                call["prompt_embeds"] = embeds[prompt.text].to(device)
+            elif pipe.text_encoder is None:
+                raise Flux2LabError(
+                    f"prompt {prompt.text[:60]!r} was not encoded before this pipeline's text encoder was released; "
+                    "load a fresh pipeline for new prompts (or encode them all before releasing it)."
+                )
+            else:
+                call["prompt"] = prompt.text
             if prompt.images:
                 call["image"] = _load_reference_images(prompt.images)
         if recipe.teacache.enabled:
@@ -221,4 +293,4 @@ def generate(
         log = teacache.teacache_log(pipe.transformer) if recipe.teacache.enabled else None
         records.append(ImageRecord(prompt=prompt.text, seed=seed, wall_s=wall, step_s=step_s, teacache=log,
                                    reference_images=list(prompt.images)))
-    return Generation(images=images, records=records)
+    return Generation(images=images, records=records, encode_s=encode_s)

@@ -6,7 +6,8 @@
   can be measured against ground truth offline; its weights ship in flux2lab/zoo/weights/.
 - `full-random`: the full-size FLUX.2 [dev] transformer with random weights and synthetic prompt
   embeddings of the real shape, for speed measurements (time per step does not depend on weight values).
-- a hub id or local folder: the real `Flux2Pipeline.from_pretrained`.
+- a hub id or local folder: the real `Flux2Pipeline.from_pretrained`, called as its own configs say
+  (`flux2lab.pipeline.configs`); `save_pipeline` writes a folder that loads back called the same way.
 
 Each pipeline carries a `ModelInfo` (`pipe.flux2lab_model`) with how to call it (sequence length, text
 encoder layers, native resolution) and its identity for provenance.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import os
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,15 @@ import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
 
 from flux2lab.common.errors import Flux2LabError
-
-FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
+from flux2lab.pipeline.configs import (
+    SETTINGS_FILE,
+    SETTINGS_KEYS,
+    call_settings,
+    configs_of,
+    derived_settings,
+    not_in_cache,
+    read_configs,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ TINY_VAE = dict(
 )
 TINY_TEXT_HIDDEN = 32
 TINY_TEXT_LAYERS = (1, 2)  # hidden states stacked into the prompt embedding (2 x 32 = joint_attention_dim)
+TINY_TEXT_TOKENS = 64  # the tokenizer's model_max_length, so a saved `tiny` is called the same way
 
 
 def default_device() -> str:
@@ -103,14 +112,16 @@ def build_tiny(device: str, dtype: torch.dtype, seed: int = 0) -> Flux2Pipeline:
         transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER)
         vae = AutoencoderKLFlux2(**TINY_VAE)
         text_encoder = build_text_encoder(TINY_TEXT_HIDDEN, max(TINY_TEXT_LAYERS), tok.VOCAB_SIZE)
+    processor = tok.build_processor()
+    processor.tokenizer.model_max_length = TINY_TEXT_TOKENS
     pipe = Flux2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-        tokenizer=tok.build_processor(), transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=processor,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.flux2lab_model = ModelInfo(
-        source="tiny", kind="builtin", height=64, width=64, max_sequence_length=64,
-        text_encoder_out_layers=TINY_TEXT_LAYERS,
+        source="tiny", kind="builtin", height=TINY_VAE["sample_size"], width=TINY_VAE["sample_size"],
+        max_sequence_length=TINY_TEXT_TOKENS, text_encoder_out_layers=TINY_TEXT_LAYERS,
     )
     # Built in float32; cast only when another dtype is asked for (diffusers warns on every cast).
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
@@ -178,31 +189,34 @@ def _revision_of(folder: Path) -> str | None:
     return "sha256:" + hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index.is_file() else None
 
 
+def save_pipeline(pipe: Flux2Pipeline, folder: str | Path) -> Path:
+    """`save_pretrained`, plus flux2lab.json for the call settings the saved configs do not decide by themselves,
+    so `load_pipeline(folder)` calls the model as this pipeline is called."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    info = model_info(pipe)
+    derived = derived_settings(configs_of(pipe))
+    extra = {k: getattr(info, k) for k in SETTINGS_KEYS if derived[k] != getattr(info, k)}
+    if extra:
+        (folder / SETTINGS_FILE).write_text(json.dumps(extra, indent=2) + "\n")
+    return folder
+
+
 def load_pretrained(source: str, device: str, dtype: torch.dtype) -> Flux2Pipeline:
-    """`Flux2Pipeline.from_pretrained`, honouring HF_HOME / HF_HUB_OFFLINE, with one clear error if absent."""
+    """`Flux2Pipeline.from_pretrained`, called as its own configs say, with one clear error if absent."""
+    configs = read_configs(source)
+    settings = call_settings(configs)
     local = Path(source).expanduser()
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise Flux2LabError(
-            f"{local} is not a diffusers pipeline folder: it has no model_index.json. Point --model at the "
-            f"folder that holds model_index.json (e.g. a download of {FLUX2_DEV})."
-        )
     try:
-        pipe = Flux2Pipeline.from_pretrained(str(local) if local.exists() else source, dtype=dtype)
+        pipe = Flux2Pipeline.from_pretrained(configs.where, dtype=dtype)
     except (OSError, ValueError) as e:
         if local.exists():
             raise Flux2LabError(f"could not load the FLUX.2 pipeline from {local}: {e}") from None
-        raise Flux2LabError(
-            f"the weights of '{source}' are not in the Hugging Face cache "
-            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub) and could not be downloaded "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Supply them one of two ways: on a "
-            f"machine with internet, `hf download {source}` (accept the licence on the model page first) and "
-            f"copy the cache here (set HF_HOME to it); or pass the downloaded folder itself, the one holding "
-            f"model_index.json, as --model /path/to/folder."
-        ) from None
+        raise not_in_cache(source) from None
     snapshot = Path(getattr(pipe, "config", {}).get("_name_or_path", "") or source)
     pipe.flux2lab_model = ModelInfo(
-        source=source, kind="pretrained", height=1024, width=1024, max_sequence_length=512,
-        text_encoder_out_layers=(10, 20, 30), revision=_revision_of(snapshot) if snapshot.exists() else None,
+        source=source, kind="pretrained", **settings,
+        revision=_revision_of(snapshot) if snapshot.exists() else None,
     )
     return pipe.to(device)
 
@@ -229,15 +243,32 @@ def dtype_of(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
-def load_pipeline(source: str, device: str | None = None, dtype: str | torch.dtype | None = None) -> Flux2Pipeline:
-    """Load a FLUX.2 pipeline: `tiny`, `full-random`, a hub id, or a local diffusers folder."""
+def load_pipeline(source: str, device: str | None = None, dtype: str | torch.dtype | None = None, *,
+                  staged: bool = False) -> Flux2Pipeline:
+    """Load a FLUX.2 pipeline: `tiny`, `mini`, `full-random`, a hub id, or a local diffusers folder.
+
+    `staged`: keep the weights in host memory for now; `core.apply` then moves one component at a time to
+    `device`, quantizing it there (so at most one component is on the card in BF16), or hands them to the
+    recipe's offloading. `full-random` (the transformer alone) is always built on `device`.
+    """
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise Flux2LabError(f"device '{device}' was asked for, but this machine has no CUDA GPU. Use --device cpu.")
     dtype = dtype_of(dtype) or default_dtype(device)
-    if source in BUILTIN:
-        return BUILTIN[source](device, dtype)
-    return load_pretrained(source, device, dtype)
+    where = "cpu" if staged and source != "full-random" else device
+    pipe = BUILTIN[source](where, dtype) if source in BUILTIN else load_pretrained(source, where, dtype)
+    return compute_on(pipe, device)
+
+
+def compute_on(pipe: Flux2Pipeline, device: str | torch.device) -> Flux2Pipeline:
+    """Say which device the pipeline computes on; `core.apply` moves weights held in host memory there."""
+    pipe.flux2lab_device = torch.device(device)
+    return pipe
+
+
+def compute_device(pipe: Flux2Pipeline) -> torch.device:
+    """The device the pipeline computes on, wherever staging or offloading keeps its weights meanwhile."""
+    return getattr(pipe, "flux2lab_device", None) or pipe._execution_device
 
 
 def free_memory() -> None:

@@ -20,6 +20,9 @@ SCHEMA_VERSION = 1
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
 QUANT_BACKENDS = ("auto", "native", "emulated")
+# Where weights wait while another component runs (diffusers' offloading): none (all on the card), model (one
+# component on the card at a time, enable_model_cpu_offload), group (one block at a time, streamed).
+OFFLOADS = ("none", "model", "group")
 
 # Published TeaCache coefficients for FLUX.2 [dev] (third degree, highest first; NVIDIA's code) and the
 # settings NVIDIA used with them.
@@ -57,6 +60,7 @@ class Recipe:
     compile: bool = False
     cuda_graphs: bool = False
     ulysses_degree: int = 1
+    offload: str = "none"
     height: int | None = None
     width: int | None = None
     steps: int = 50
@@ -136,7 +140,7 @@ class Recipe:
 
 # Fields applied to the model weights/graph by `apply`; everything else is read per call.
 _MODEL_FIELDS = ("transformer_precision", "text_encoder_precision", "quant_backend", "compile", "cuda_graphs",
-                 "ulysses_degree")
+                 "ulysses_degree", "offload")
 
 
 def _reject_unknown(data: dict, allowed: set[str], source: str, prefix: str) -> None:
@@ -172,6 +176,11 @@ def validate(recipe: Recipe) -> None:
             raise bad(name, getattr(recipe, name), "true | false")
     if not is_int(recipe.ulysses_degree) or recipe.ulysses_degree < 1:
         raise bad("ulysses_degree", recipe.ulysses_degree, "an integer >= 1 (the number of GPUs)")
+    if recipe.offload not in OFFLOADS:
+        raise bad("offload", recipe.offload, " | ".join(OFFLOADS))
+    if recipe.offload != "none" and (recipe.cuda_graphs or recipe.ulysses_degree > 1):
+        raise bad("offload", recipe.offload, "'none' with cuda_graphs or ulysses_degree > 1 (CUDA graphs replay "
+                  "fixed weight addresses and each parallel rank holds its own copy; offloading moves the weights)")
     for name in ("height", "width"):
         v = getattr(recipe, name)
         if v is not None and (not is_int(v) or v < 16 or v % 16):

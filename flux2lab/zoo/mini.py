@@ -122,11 +122,13 @@ def assemble(
     """A `Flux2Pipeline` around the parts, with the `ModelInfo` that says how to call it."""
     from flux2lab.pipeline import tokenizer as tok
 
+    processor = tok.build_processor()
+    processor.tokenizer.model_max_length = MAX_SEQUENCE_LENGTH  # so a saved `mini` folder is called the same way
     pipe = Flux2Pipeline(
         scheduler=build_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tok.build_processor(),
+        tokenizer=processor,
         transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
