@@ -545,7 +545,7 @@ def test_teacache_with_another_step_count_is_refused_at_step_0(steps, one_thread
     from flux2lab.pipeline.recipe import Recipe
 
     pipe = load_pipeline("tiny", device="cpu")
-    apply(pipe, Recipe(steps=4, height=32, width=32).replace(teacache={"enabled": True, "ret_steps": 0}))
+    apply(pipe, Recipe(steps=4, height=32, width=32).replace(cache={"method": "teacache", "ret_steps": 0}))
     teacache.reset_teacache(pipe.transformer)
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))

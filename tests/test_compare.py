@@ -61,14 +61,14 @@ def test_presets():
     assert resolve_recipe("bf16") == Recipe()
     r = resolve_recipe("nvfp4+te-fp8+teacache+thresh=0.3+ret=4+cutoff=40")
     assert (r.transformer_precision, r.text_encoder_precision) == ("nvfp4", "fp8")
-    assert r.teacache.enabled and r.teacache.threshold == 0.3 and r.teacache.ret_steps == 4
-    assert r.teacache.cutoff_steps == 40 and r.teacache.coefficients == FLUX2_DEV_COEFFICIENTS
+    assert r.cache.method == "teacache" and r.cache.threshold == 0.3 and r.cache.ret_steps == 4
+    assert r.cache.cutoff_steps == 40 and r.cache.coefficients == FLUX2_DEV_COEFFICIENTS
 
 
 def test_preset_with_fit_and_errors(tmp_path):
     fit = tmp_path / "fit.json"
     fit.write_text(json.dumps({"coefficients": [1.0, 2.0, 3.0, 4.0]}))
-    assert resolve_recipe(f"teacache@{fit}").teacache.coefficients == (1.0, 2.0, 3.0, 4.0)
+    assert resolve_recipe(f"teacache@{fit}").cache.coefficients == (1.0, 2.0, 3.0, 4.0)
     with pytest.raises(Flux2LabError, match="unknown preset 'int4'"):
         resolve_recipe("int4")
     with pytest.raises(Flux2LabError, match="'thresh=high'"):
@@ -78,3 +78,16 @@ def test_preset_with_fit_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(Flux2LabError, match="no 'coefficients'"):
         resolve_recipe(f"teacache@{tmp_path / 'bad.json'}")
+
+
+def test_presets_choose_every_cache_method(tmp_path):
+    assert resolve_recipe("taylorseer=3").cache.to_dict() == {"method": "taylorseer", "cache_interval": 3}
+    assert resolve_recipe("fbc=0.1").cache.to_dict() == {"method": "first_block", "threshold": 0.1}
+    assert resolve_recipe("seacache=0.5").cache.threshold == 0.5
+    assert resolve_recipe("teacache+order=1+slope=0.75").cache.residual_slope == 0.75
+    assert resolve_recipe("thresh=0.2").cache.method == "teacache"  # settings without a method: TeaCache's
+    assert resolve_recipe("fbc+thresh=0.2").cache.to_dict() == {"method": "first_block", "threshold": 0.2}
+    with pytest.raises(Flux2LabError, match="magcache@FIT.json"):
+        resolve_recipe("magcache")
+    with pytest.raises(Flux2LabError, match="cache_interval"):
+        resolve_recipe("taylorseer+ret=3")  # ret_steps is not a TaylorSeer setting

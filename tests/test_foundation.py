@@ -76,7 +76,7 @@ def test_missing_pretrained_weights_name_the_model(tmp_path, monkeypatch, no_net
 
 def test_recipe_json_round_trip(tmp_path):
     r = Recipe(transformer_precision="nvfp4", compile=True, height=512, width=768, steps=28, guidance=3.5)
-    r = r.replace(teacache={"enabled": True, "threshold": 0.3, "ret_steps": 4, "cutoff_steps": 26})
+    r = r.replace(cache={"method": "teacache", "threshold": 0.3, "ret_steps": 4, "cutoff_steps": 26})
     assert Recipe.from_json(r.to_json()) == r
     assert Recipe.load(r.save(tmp_path / "r.json")) == r
 
@@ -99,16 +99,17 @@ def test_invalid_fields_are_named(field, value, fragment):
 
 
 @pytest.mark.parametrize("tc,field", [
-    ({"threshold": -0.1}, "teacache.threshold"),
-    ({"ret_steps": -1}, "teacache.ret_steps"),
-    ({"enabled": True, "ret_steps": 60}, "teacache.ret_steps"),
-    ({"cutoff_steps": 2, "ret_steps": 5}, "teacache.cutoff_steps"),
-    ({"coefficients": ()}, "teacache.coefficients"),
-    ({"enabled": "on"}, "teacache.enabled"),
+    ({"method": "teacache", "threshold": -0.1}, "cache.threshold"),
+    ({"method": "teacache", "ret_steps": -1}, "cache.ret_steps"),
+    ({"method": "teacache", "ret_steps": 60}, "cache.ret_steps"),
+    ({"method": "teacache", "cutoff_steps": 2, "ret_steps": 5}, "cache.cutoff_steps"),
+    ({"method": "teacache", "coefficients": ()}, "cache.coefficients"),
+    ({"method": "teacache", "residual_order": 2}, "cache.residual_order"),
+    ({"method": "fastcache"}, "cache.method"),
 ])
 def test_invalid_teacache_fields_are_named(tc, field):
     with pytest.raises(RecipeError, match=f"'{field}'"):
-        Recipe().replace(teacache=tc)
+        Recipe().replace(cache=tc)
 
 
 def test_recipe_file_errors_name_file_and_field(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ from flux2lab.pipeline.models import ModelInfo
 from flux2lab.pipeline.recipe import Recipe
 
 RECIPE = Recipe(steps=20, height=512, width=512).replace(
-    teacache={"enabled": True, "threshold": 0.08, "ret_steps": 4})
+    cache={"method": "teacache", "threshold": 0.08, "ret_steps": 4})
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_round_trip_keeps_recipe_model_provenance_and_hash(frozen_file, fit):
     assert f.sha256 == data["sha256"] and f.short_hash == data["sha256"][:12]
     cal = f.provenance["calibration"]
     assert cal["sha256"] == hashlib.sha256(fit.read_bytes()).hexdigest()
-    assert list(cal["coefficients"]) == list(RECIPE.teacache.coefficients)
+    assert list(cal["coefficients"]) == list(RECIPE.cache.coefficients)
     assert f.provenance["trial"] == 17 and f.provenance["metrics"]["lpips"] == 0.07
     assert f.provenance["created"] and f.provenance["flux2lab_version"]
     # Saving again writes the same bytes: the file is canonical.
@@ -81,12 +82,12 @@ def test_hash_depends_on_recipe_and_model_only_through_content():
     prov = {"study": "s"}
     a = freeze(RECIPE, "tiny", prov, created="2026-01-01T00:00:00+00:00")
     b = freeze(RECIPE, "tiny", prov, created="2026-01-01T00:00:00+00:00")
-    c = freeze(RECIPE.replace(teacache={"threshold": 0.09}), "tiny", prov, created="2026-01-01T00:00:00+00:00")
+    c = freeze(RECIPE.replace(cache={"threshold": 0.09}), "tiny", prov, created="2026-01-01T00:00:00+00:00")
     assert a.sha256 == b.sha256 != c.sha256
 
 
 def test_tampered_config_is_refused_with_how_to_refreeze(frozen_file):
-    _edit(frozen_file, lambda d: d["recipe"]["teacache"].__setitem__("threshold", 0.2))
+    _edit(frozen_file, lambda d: d["recipe"]["cache"].__setitem__("threshold", 0.2))
     with pytest.raises(FrozenConfigError, match="modified after it was frozen") as e:
         load_frozen(frozen_file)
     assert "re-freeze" in str(e.value) and "python -m flux2lab.frozen" in str(e.value)
@@ -173,12 +174,12 @@ KEY = "team-secret"
 def test_a_rehashed_edit_passes_the_hash_but_not_the_signature(frozen_file, monkeypatch):
     # The SHA-256 needs no secret: an edit that recomputes it loads. Signed with a key, the edit is caught.
     def rehash(d, threshold=0.2):
-        d["recipe"]["teacache"]["threshold"] = threshold
+        d["recipe"]["cache"]["threshold"] = threshold
         d["sha256"] = hashlib.sha256(canonical_json({k: v for k, v in d.items()
                                                      if k not in ("sha256", "signature")}).encode()).hexdigest()
 
     _edit(frozen_file, rehash)
-    assert load_frozen(frozen_file).recipe.teacache.threshold == 0.2
+    assert load_frozen(frozen_file).recipe.cache.threshold == 0.2
 
     monkeypatch.setenv("FLUX2LAB_FROZEN_KEY", KEY)
     signed = load_frozen(frozen_file).save(frozen_file.parent / "signed.json")
@@ -258,3 +259,48 @@ def test_frozen_command_does_not_overwrite_silently(tmp_path, monkeypatch):
         main([str(recipe), "--out", str(tmp_path), "--model", "tiny"])
     with pytest.raises(FrozenConfigError, match="is a file, not a folder"):
         main([str(recipe), "--out", str(out / "x.json"), "--model", "tiny"])
+
+
+# --- schema 2: the cache field; version-1 files still verify and run -----------------------------------------------
+
+V1_FROZEN = Path(__file__).resolve().parents[1] / "reports" / "mini" / "search" / "frozen.json"
+
+
+def test_a_version_1_frozen_config_verifies_and_migrates(tmp_path):
+    f = load_frozen(V1_FROZEN)
+    assert f.schema_version == 1
+    raw = json.loads(V1_FROZEN.read_text())
+    assert f.recipe.cache.method == "teacache"  # migrated: TeaCache was version 1's only cache
+    assert list(f.recipe.cache.coefficients) == raw["recipe"]["teacache"]["coefficients"]
+    assert f.recipe.cache.threshold == raw["recipe"]["teacache"]["threshold"]
+    assert f.content()["recipe"] == raw["recipe"]  # the hash still covers the file's own (version-1) content
+    copy = f.save(tmp_path / "copy.json")
+    assert json.loads(copy.read_text())["sha256"] == raw["sha256"] and load_frozen(copy).recipe == f.recipe
+
+
+def test_a_version_1_recipe_with_teacache_off_runs_uncached():
+    r = Recipe.from_dict({"schema_version": 1, "steps": 8, "teacache": {"enabled": False, "threshold": 0.3}})
+    assert r.cache.method == "none" and r.to_dict()["schema_version"] == 2
+
+
+def test_an_edited_version_1_config_is_still_refused(tmp_path):
+    data = json.loads(V1_FROZEN.read_text())
+    data["recipe"]["teacache"]["threshold"] = 0.5
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    with pytest.raises(FrozenConfigError, match="modified after it was frozen"):
+        load_frozen(tmp_path / "edited.json")
+
+
+@pytest.mark.parametrize("cache", [
+    {"method": "taylorseer", "cache_interval": 3},
+    {"method": "first_block", "threshold": 0.1},
+    {"method": "seacache", "threshold": 0.5, "max_consecutive_cached": 4},
+    {"method": "magcache", "threshold": 0.1, "mag_ratios": [1.0, 0.99, 0.98, 0.97, 0.96, 0.95]},
+    {"method": "teacache", "threshold": 0.1, "ret_steps": 2, "residual_order": 1, "residual_slope": 0.75},
+])
+def test_every_cache_method_freezes_and_loads(cache, tmp_path):
+    recipe = Recipe(steps=6).replace(cache=cache)
+    f = freeze(recipe, "tiny").save(tmp_path / "f.json")
+    loaded = load_frozen(f)
+    stored = loaded.recipe.cache.to_dict()
+    assert loaded.recipe == recipe and {k: stored[k] for k in cache} == cache

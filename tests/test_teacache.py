@@ -42,7 +42,7 @@ def images(gen) -> list[np.ndarray]:
 
 def test_threshold_zero_is_identical_to_the_uncached_pipeline(tiny_pipe):
     plain = Recipe(steps=4)
-    cached = plain.replace(teacache={"enabled": True, "threshold": 0.0, "ret_steps": 0})
+    cached = plain.replace(cache={"method": "teacache", "threshold": 0.0, "ret_steps": 0})
     a = generate(tiny_pipe, ["a lighthouse at night"], 0, plain)
     b = generate(tiny_pipe, ["a lighthouse at night"], 0, cached)
     for x, y in zip(images(a), images(b)):
@@ -70,7 +70,7 @@ def _count_block_calls(transformer) -> tuple[list[int], list]:
 def test_pipeline_follows_the_pattern_skips_blocks_and_logs_every_step(tiny_pipe, monkeypatch):
     measured = iter(HAND_REL[s] for s in HAND_MEASURED)
     monkeypatch.setattr(teacache, "relative_l1", lambda cur, prev, group=None: next(measured))
-    recipe = Recipe(steps=10).replace(teacache={"enabled": True, "threshold": 0.25, "coefficients": IDENTITY,
+    recipe = Recipe(steps=10).replace(cache={"method": "teacache", "threshold": 0.25, "coefficients": IDENTITY,
                                                 "ret_steps": 2, "cutoff_steps": 8})
     t = tiny_pipe.transformer
     calls, handles = _count_block_calls(t)
@@ -171,7 +171,7 @@ def test_multi_reference_prompt_runs_with_teacache(tiny_pipe, tmp_path):
 
     ref = tmp_path / "ref.png"
     Image.new("RGB", (64, 64), (30, 90, 200)).save(ref)
-    recipe = Recipe(steps=4).replace(teacache={"enabled": True, "threshold": 0.0, "ret_steps": 0})
+    recipe = Recipe(steps=4).replace(cache={"method": "teacache", "threshold": 0.0, "ret_steps": 0})
     plain = generate(tiny_pipe, [Prompt("make it red", (str(ref),))], 0, Recipe(steps=4))
     out = generate(tiny_pipe, [Prompt("make it red", (str(ref),))], 0, recipe)
     assert np.array_equal(images(plain)[0], images(out)[0])
@@ -183,7 +183,7 @@ def test_multi_reference_prompt_runs_with_teacache(tiny_pipe, tmp_path):
 
 
 def test_images_start_from_a_clean_state(tiny_pipe):
-    recipe = Recipe(steps=6).replace(teacache={"enabled": True, "threshold": 0.5, "coefficients": IDENTITY,
+    recipe = Recipe(steps=6).replace(cache={"method": "teacache", "threshold": 0.5, "coefficients": IDENTITY,
                                                "ret_steps": 1})
     out = generate(tiny_pipe, ["a red barn", "a red barn"], [3, 3], recipe)
     first, second = out.records
@@ -207,12 +207,12 @@ def test_a_timestep_that_goes_up_starts_a_new_image_without_an_explicit_reset():
 
 
 def test_core_swaps_and_removes_teacache(tiny_pipe):
-    on = Recipe(steps=4).replace(teacache={"enabled": True, "threshold": 0.3, "ret_steps": 1})
+    on = Recipe(steps=4).replace(cache={"method": "teacache", "threshold": 0.3, "ret_steps": 1})
     apply(tiny_pipe, on)
     t = tiny_pipe.transformer
     hooked = [m for m in t.modules() if teacache.HOOK_NAME in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})]
     assert len(hooked) == 4 + len(t.transformer_blocks) + len(t.single_transformer_blocks)
-    apply(tiny_pipe, on.replace(teacache={"threshold": 0.6}))
+    apply(tiny_pipe, on.replace(cache={"threshold": 0.6}))
     assert teacache.teacache_config(t).threshold == 0.6
     apply(tiny_pipe, Recipe(steps=4))
     assert not any(teacache.HOOK_NAME in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
@@ -270,7 +270,7 @@ def test_bad_config_names_the_field(changes, field):
 
 
 def test_config_from_recipe():
-    recipe = Recipe(steps=28).replace(teacache={"enabled": True, "threshold": 0.4, "ret_steps": 5, "cutoff_steps": 25})
+    recipe = Recipe(steps=28).replace(cache={"method": "teacache", "threshold": 0.4, "ret_steps": 5, "cutoff_steps": 25})
     c = TeaCacheConfig.from_recipe(recipe, replay_skips=[7, 6])
     assert (c.num_inference_steps, c.threshold, c.ret_steps, c.cutoff_steps) == (28, 0.4, 5, 25)
     assert c.coefficients == FLUX2_DEV_COEFFICIENTS and c.replay_skips == (6, 7)

@@ -287,7 +287,7 @@ def test_teacache_skips_more_and_changes_more_as_the_threshold_rises(mini_pipe):
     reference = generate(mini_pipe, prompts, 0, base).images
     skipped, change = [], []
     for threshold in (0.05, 0.3, 1.0):
-        recipe = base.replace(teacache={"enabled": True, "threshold": threshold, "ret_steps": 5})
+        recipe = base.replace(cache={"method": "teacache", "threshold": threshold, "ret_steps": 5})
         try:
             out = generate(mini_pipe, prompts, 0, recipe)
         except FeatureNotAvailable as e:

@@ -48,7 +48,7 @@ def default_ladder(precision: str, gpus: tuple[int, ...], steps: int) -> list[Ru
         Rung("+cuda-graphs", {"cuda_graphs": True}, "every block replayed as a CUDA graph"),
         Rung(f"+{precision}", {"transformer_precision": precision, "quant_backend": "native"},
              f"{precision.upper()} linear layers (native kernels only: an emulation is not a speed path)"),
-        Rung("+teacache", {"teacache": {"enabled": True, "ret_steps": scaled_ret_steps(steps)}},
+        Rung("+teacache", {"cache": {"method": "teacache", "ret_steps": scaled_ret_steps(steps)}},
              "TeaCache skips steps whose output barely changes"),
         *[Rung(f"x{n}-gpus", {"ulysses_degree": n}, f"Ulysses sequence parallelism over {n} GPUs") for n in gpus],
     ]

@@ -118,12 +118,12 @@ def time_images(pipe: Any, recipe: Recipe, cfg: BenchConfig, device: torch.devic
     """Warm up, then time `cfg.reps` images of the recipe (checking a replayed TeaCache plan was followed)."""
     clock = DeviceClock(device)
     # A TeaCache rung warms up on the full schedule so its skip path is compiled/captured as it will be timed.
-    warm = recipe if recipe.teacache.enabled else recipe.replace(steps=min(cfg.warmup_steps, recipe.steps))
+    warm = recipe if recipe.cache.method == "teacache" else recipe.replace(steps=min(cfg.warmup_steps, recipe.steps))
     t0 = time.perf_counter()
     for i in range(cfg.warmup):
         generate(pipe, [PROMPT], [1000 + i], warm)
     warmup_s = time.perf_counter() - t0
-    timed_steps = recipe.steps if recipe.teacache.enabled or not cfg.timed_steps else cfg.timed_steps
+    timed_steps = recipe.steps if recipe.cache.method == "teacache" or not cfg.timed_steps else cfg.timed_steps
     timed = recipe.replace(steps=timed_steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -134,7 +134,7 @@ def time_images(pipe: Any, recipe: Recipe, cfg: BenchConfig, device: torch.devic
             record = generate(pipe, [PROMPT], [rep], timed).records[0]
         intervals = marks.intervals()
         skips = set(record.skipped_steps)
-        if recipe.teacache.enabled and plan and plan.skip_steps is not None and skips != set(plan.skip_steps):
+        if recipe.cache.method == "teacache" and plan and plan.skip_steps is not None and skips != set(plan.skip_steps):
             raise RuntimeError(f"TeaCache skipped steps {sorted(skips)}, not the replayed {list(plan.skip_steps)}")
         steps += intervals
         computed += [t for i, t in enumerate(intervals, start=1) if i not in skips]
@@ -191,7 +191,7 @@ class Bench:
         recipe = base
         for rung in rungs:
             recipe = recipe.replace(**rung.changes)
-        if not recipe.teacache.enabled:
+        if recipe.cache.method != "teacache":
             return None
         return skip_plan(self.cfg.teacache_schedule, self.cfg.model not in RANDOM_WEIGHTS, recipe)
 
@@ -327,7 +327,7 @@ class Bench:
         apply(self.pipe, recipe)
         row["apply_s"] = time.perf_counter() - t0
         row["weights_gib"] = gpu_memory_gib(device)
-        if recipe.teacache.enabled:
+        if recipe.cache.method == "teacache":
             replay_skip_plan(self.pipe, recipe, self.plan)
             row["teacache"] = self.plan.describe
         row.update(time_images(self.pipe, recipe, self.cfg, device, self.plan))

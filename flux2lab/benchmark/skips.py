@@ -51,7 +51,7 @@ def traced_skips(fit_path: Path, trace_path: Path, steps: int, recipe: Recipe) -
     traces: dict[tuple[str, str], dict[int, float]] = {}
     for row in read_rows(trace_path):
         traces.setdefault((row["prompt_id"], row["seed"]), {})[int(row["step"])] = float(row["x"])
-    config = TeaCacheConfig.from_recipe(recipe.replace(teacache={"coefficients": coefficients}))
+    config = TeaCacheConfig.from_recipe(recipe.replace(cache={"coefficients": coefficients}))
     plans = []
     for (prompt, _seed), by_step in sorted(traces.items()):
         if sorted(by_step) != list(range(1, steps)):
@@ -69,14 +69,14 @@ def traced_skips(fit_path: Path, trace_path: Path, steps: int, recipe: Recipe) -
     counts = [len(p[0]) for p in plans]
     return SkipPlan(skips, (
         f"replayed schedule: {len(skips)}/{steps} from {fit_path} + {trace_path} (threshold "
-        f"{recipe.teacache.threshold}; prompt '{prompt}', the median of {len(plans)}: {min(counts)}-{max(counts)} "
+        f"{recipe.cache.threshold}; prompt '{prompt}', the median of {len(plans)}: {min(counts)}-{max(counts)} "
         "skipped)"))
 
 
 def skip_plan(spec: str, real_weights: bool, recipe: Recipe) -> SkipPlan:
     """`auto` (real decisions on real weights, NVIDIA's 16/50 replayed on random ones), `real`, a replayed
     count `K/N` (K of every N steps) or `K` (K steps), or `FIT.json:SAMPLES.csv` (a calibration's decisions)."""
-    steps, ret_steps = recipe.steps, recipe.teacache.ret_steps
+    steps, ret_steps = recipe.steps, recipe.cache.ret_steps
     if spec == "real" or (spec == "auto" and real_weights):
         return SkipPlan(None, "real TeaCache decisions")
     if spec.count(":") == 1:
@@ -103,7 +103,7 @@ def skip_plan(spec: str, real_weights: bool, recipe: Recipe) -> SkipPlan:
 def replay_skip_plan(pipe: Any, recipe: Recipe, plan: SkipPlan | None) -> None:
     """Make the TeaCache that `apply` attached skip exactly the plan's steps (the hooks stay, only the config
     is swapped, so nothing recompiles)."""
-    if plan is None or plan.skip_steps is None or not recipe.teacache.enabled:
+    if plan is None or plan.skip_steps is None or not recipe.cache.method == "teacache":
         return
     from flux2lab.hooks.teacache import TeaCacheConfig, apply_teacache
 

@@ -36,8 +36,8 @@ KINDS = ("t2i", "multi-reference")
 
 def recording_recipe(steps: int, height: int | None = None, width: int | None = None) -> Recipe:
     """TeaCache that measures every step and never skips: threshold 0, no retained steps, identity rescale."""
-    return Recipe(steps=steps, height=height, width=width, teacache=TeaCacheSettings(
-        enabled=True, coefficients=(1.0, 0.0), threshold=0.0, ret_steps=0, cutoff_steps=None))
+    return Recipe(steps=steps, height=height, width=width, cache=TeaCacheSettings(
+        coefficients=(1.0, 0.0), threshold=0.0, ret_steps=0, cutoff_steps=None))
 
 
 def record_prompt(pipe, entry: PromptEntry, seed: int, recipe: Recipe) -> list[dict[str, Any]]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS, FLUX2_DEV_RET_STEPS, FLUX2_DEV_THRESHOLD, Recipe
+from flux2lab.pipeline.caches import FLUX2_DEV_COEFFICIENTS, FLUX2_DEV_RET_STEPS, FLUX2_DEV_THRESHOLD, TeaCacheSettings
+from flux2lab.pipeline.recipe import Recipe
 
 # Reasons a step computed or skipped, as written in the log.
 FIRST, RET_STEPS, CUTOFF, REACHED, BELOW, REPLAYED = (
@@ -52,28 +53,20 @@ class TeaCacheConfig:
 
         if not isinstance(n, int) or n < 1:
             raise bad("num_inference_steps", "an integer >= 1")
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise bad("threshold", "a finite number >= 0")
-        if not self.coefficients or not all(math.isfinite(c) for c in self.coefficients):
-            raise bad("coefficients", "a non-empty list of finite numbers, highest degree first")
-        if not isinstance(self.ret_steps, int) or not 0 <= self.ret_steps <= n:
-            raise bad("ret_steps", f"an integer between 0 and num_inference_steps ({n})")
-        if self.cutoff_steps is not None and (
-                not isinstance(self.cutoff_steps, int) or not self.ret_steps <= self.cutoff_steps <= n):
-            raise bad("cutoff_steps", f"None or an integer between ret_steps ({self.ret_steps}) and {n}")
+        # The settings' checks are the recipe's (flux2lab.pipeline.caches): one place says what is allowed.
+        TeaCacheSettings(self.coefficients, self.threshold, self.ret_steps, self.cutoff_steps, self.residual_order,
+                         self.residual_slope).check(n, owner="TeaCacheConfig")
         if self.replay_skips is not None and any(not 0 < s < n for s in self.replay_skips):
             raise bad("replay_skips", f"step indices between 1 and {n - 1} (step 0 has nothing cached to reuse)")
-        if self.residual_order not in (0, 1) or isinstance(self.residual_order, bool):
-            raise bad("residual_order", "0 (reuse the last residual) or 1 (extrapolate from the last two)")
-        if not (isinstance(self.residual_slope, (int, float)) and math.isfinite(self.residual_slope)
-                and self.residual_slope >= 0):
-            raise bad("residual_slope", "a finite number >= 0 (1 = follow the line, below 1 = damped)")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **changes: Any) -> TeaCacheConfig:
-        tc = recipe.teacache
-        return cls(num_inference_steps=recipe.steps, threshold=tc.threshold, coefficients=tc.coefficients,
-                   ret_steps=tc.ret_steps, cutoff_steps=tc.cutoff_steps, **changes)
+        """The config of a recipe whose cache is TeaCache."""
+        tc = recipe.cache
+        if not isinstance(tc, TeaCacheSettings):
+            raise Flux2LabError(f"the recipe's cache is '{tc.method}', not teacache.")
+        settings = {f.name: getattr(tc, f.name) for f in fields(TeaCacheSettings)}
+        return cls(num_inference_steps=recipe.steps, **{**settings, **changes})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,15 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.hooks import teacache
+from flux2lab.hooks import step_caches, teacache
+from flux2lab.hooks.block_counter import BlockCounter
+from flux2lab.pipeline.caches import DIFFUSERS_METHODS
 from flux2lab.pipeline.models import compute_device, free_memory, model_info
 from flux2lab.pipeline.recipe import Recipe
 from flux2lab.quantizers import TEXT_ENCODER_KEEP, quantize
+
+# Set on a transformer whose blocks `apply` compiled with fullgraph=True (diffusers' step caches cannot run there).
+COMPILED_FULLGRAPH = "flux2lab_compiled_fullgraph"
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class ImageRecord:
     step_s: list[float] | None = None  # time per denoising step, when asked for
     teacache: list[dict[str, Any]] | None = None  # per-step TeaCache log, when TeaCache is on
     reference_images: list[str] = field(default_factory=list)
+    cache_method: str = "none"
+    # Fraction of the transformer's block stack that really ran (hooks.block_counter), and per step; None where
+    # it was not counted (CUDA graphs replay blocks without Python, so nothing can count them).
+    computed_fraction: float | None = None
+    step_fractions: list[float] | None = None
 
     @property
     def skipped_steps(self) -> list[int]:
@@ -58,7 +69,8 @@ class ImageRecord:
         return {
             "prompt": self.prompt, "seed": self.seed, "wall_s": self.wall_s, "step_s": self.step_s,
             "reference_images": self.reference_images, "skipped_steps": self.skipped_steps,
-            "teacache": self.teacache,
+            "teacache": self.teacache, "cache_method": self.cache_method,
+            "computed_fraction": self.computed_fraction, "step_fractions": self.step_fractions,
         }
 
 
@@ -77,8 +89,15 @@ class Generation:
 
     @property
     def skipped_fraction(self) -> float:
+        """TeaCache's skipped steps over all steps (0 for other methods: see computed_fraction)."""
         steps = sum(len(r.teacache) for r in self.records if r.teacache)
         return sum(len(r.skipped_steps) for r in self.records) / steps if steps else 0.0
+
+    @property
+    def computed_fraction(self) -> float | None:
+        """Mean fraction of the block stack that ran per image (None when not counted)."""
+        counted = [r.computed_fraction for r in self.records if r.computed_fraction is not None]
+        return sum(counted) / len(counted) if counted and len(counted) == len(self.records) else None
 
 
 def applied_recipe(pipe: Flux2Pipeline) -> Recipe | None:
@@ -95,7 +114,7 @@ def apply(pipe: Flux2Pipeline, recipe: Recipe) -> Flux2Pipeline:
             f"this pipeline was already built with a recipe that differs in {', '.join(changed)}; those change "
             "the model itself and cannot be undone in place. Load a fresh pipeline for the new recipe."
         )
-    _apply_teacache(pipe, recipe)
+    _apply_cache(pipe, recipe)
     pipe.flux2lab_recipe = recipe
     return pipe
 
@@ -129,8 +148,12 @@ def _apply_model_changes(pipe: Flux2Pipeline, recipe: Recipe) -> None:
         cudagraphs.enable(pipe.transformer, compile=recipe.compile)
     elif recipe.compile:
         # Regional compilation: each repeated block is compiled once and reused, so warm-up takes seconds,
-        # not minutes, and the step is as fast as a whole-model compile (diffusers' recommendation).
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        # not minutes, and the step is as fast as a whole-model compile (diffusers' recommendation). diffusers'
+        # step caches decide inside the blocks in torch.compiler.disable'd code, which fullgraph=True refuses:
+        # with one of them the blocks compile with graph breaks there (images unchanged).
+        fullgraph = recipe.cache.method not in DIFFUSERS_METHODS
+        pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)
+        setattr(pipe.transformer, COMPILED_FULLGRAPH, fullgraph)
 
 
 def _offload(pipe: Flux2Pipeline, mode: str, device: torch.device) -> None:
@@ -172,12 +195,19 @@ def drop_text_encoder(pipe: Flux2Pipeline) -> None:
     free_memory()
 
 
-def _apply_teacache(pipe: Flux2Pipeline, recipe: Recipe) -> None:
-    # Re-applying swaps the config on the hooks already attached (no recompilation of a compiled model).
-    if recipe.teacache.enabled:
-        teacache.apply_teacache(pipe.transformer, teacache.TeaCacheConfig.from_recipe(recipe))
-    else:
-        teacache.remove_teacache(pipe.transformer)
+def _apply_cache(pipe: Flux2Pipeline, recipe: Recipe) -> None:
+    """Attach the recipe's step cache (one at a time). Re-applying TeaCache swaps the config on the hooks already
+    attached (no recompilation of a compiled model); a diffusers cache is attached anew."""
+    method, t = recipe.cache.method, pipe.transformer
+    if method != "teacache":
+        teacache.remove_teacache(t)
+    if method not in DIFFUSERS_METHODS:
+        step_caches.remove_step_cache(t)
+    if method == "teacache":
+        teacache.apply_teacache(t, teacache.TeaCacheConfig.from_recipe(recipe))
+    elif method in DIFFUSERS_METHODS:
+        step_caches.apply_step_cache(t, method, recipe.cache.as_dict(), recipe.steps,
+                                     compile_fullgraph=getattr(t, COMPILED_FULLGRAPH, False))
 
 
 def synthetic_prompt_embeds(pipe: Flux2Pipeline, prompt: str) -> torch.Tensor:
@@ -219,6 +249,7 @@ def generate(
     time_steps: bool = False,
     progress: bool = False,
     release_text_encoder: bool = False,
+    count_blocks: bool = True,
 ) -> Generation:
     """Make one image per (prompt, seed) pair with the recipe (applied first if it is not yet).
 
@@ -226,7 +257,8 @@ def generate(
     timed (the device is synchronised after each step, which costs a little). With `release_text_encoder`,
     every prompt is encoded up front (`Generation.encode_s`; then not in the images' times) and the text
     encoder is dropped before the first image: for runs that know all their prompts, it frees the encoder's
-    memory (44 GiB in BF16 for FLUX.2 [dev]) for the denoising; the images are the same.
+    memory (44 GiB in BF16 for FLUX.2 [dev]) for the denoising; the images are the same. With `count_blocks`
+    (not with CUDA graphs), each record says what fraction of the block stack really ran.
     """
     from tqdm.auto import tqdm
 
@@ -246,51 +278,75 @@ def generate(
         encode_s = time.perf_counter() - start
         drop_text_encoder(pipe)
     embeds = getattr(pipe, "flux2lab_prompt_embeds", {})
-    images, records = [], []
-    for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="images", disable=not progress, unit="img"):
-        step_ends: list[float] = []
-
-        def on_step_end(_pipe, _i, _t, kwargs, step_ends=step_ends):
-            if time_steps:
-                _sync(device)
-                step_ends.append(time.perf_counter())
-            return kwargs
-
-        call: dict[str, Any] = {
-            "height": height, "width": width, "num_inference_steps": recipe.steps, "guidance_scale": recipe.guidance,
-            "generator": torch.Generator(device="cpu").manual_seed(seed), "callback_on_step_end": on_step_end,
-        }
-        if info.synthetic_text:
-            call.update(prompt_embeds=synthetic_prompt_embeds(pipe, prompt.text), output_type="latent")
-        else:
-            call.update(max_sequence_length=info.max_sequence_length,
-                        text_encoder_out_layers=info.text_encoder_out_layers, output_type="pil")
-            if prompt.text in embeds:
-                call["prompt_embeds"] = embeds[prompt.text].to(device)
-            elif pipe.text_encoder is None:
-                raise Flux2LabError(
-                    f"prompt {prompt.text[:60]!r} was not encoded before this pipeline's text encoder was released; "
-                    "load a fresh pipeline for new prompts (or encode them all before releasing it)."
-                )
-            else:
-                call["prompt"] = prompt.text
-            if prompt.images:
-                call["image"] = _load_reference_images(prompt.images)
-        if recipe.teacache.enabled:
-            teacache.reset_teacache(pipe.transformer)
-        _sync(device)
-        start = time.perf_counter()
-        out = pipe(**call).images
-        _sync(device)
-        wall = time.perf_counter() - start
-        images.append(out[0])
-        step_s = None
-        if time_steps:
-            # The first step also carries prompt encoding and latent preparation; it is measured from the
-            # call's start, which is what a user waits for.
-            edges = [start, *step_ends]
-            step_s = [b - a for a, b in zip(edges, edges[1:])]
-        log = teacache.teacache_log(pipe.transformer) if recipe.teacache.enabled else None
-        records.append(ImageRecord(prompt=prompt.text, seed=seed, wall_s=wall, step_s=step_s, teacache=log,
-                                   reference_images=list(prompt.images)))
+    counter = BlockCounter(pipe.transformer) if count_blocks and not recipe.cuda_graphs else None
+    try:
+        images, records = [], []
+        for prompt, seed in tqdm(list(zip(prompts, seeds)), desc="images", disable=not progress, unit="img"):
+            image, record = _one_image(pipe, prompt, seed, recipe, info, (height, width), device, embeds, counter,
+                                       time_steps)
+            images.append(image)
+            records.append(record)
+    finally:
+        if counter is not None:
+            counter.close()
     return Generation(images=images, records=records, encode_s=encode_s)
+
+
+def _one_image(pipe: Flux2Pipeline, prompt: Prompt, seed: int, recipe: Recipe, info: Any, size: tuple[int, int],
+               device: torch.device, embeds: dict, counter: BlockCounter | None,
+               time_steps: bool) -> tuple[Any, ImageRecord]:
+    """One pipeline call under the recipe's cache: the image and what happened."""
+    height, width = size
+    step_ends: list[float] = []
+
+    def on_step_end(_pipe, _i, _t, kwargs):
+        if time_steps:
+            _sync(device)
+            step_ends.append(time.perf_counter())
+        return kwargs
+
+    call: dict[str, Any] = {
+        "height": height, "width": width, "num_inference_steps": recipe.steps, "guidance_scale": recipe.guidance,
+        "generator": torch.Generator(device="cpu").manual_seed(seed), "callback_on_step_end": on_step_end,
+    }
+    if info.synthetic_text:
+        call.update(prompt_embeds=synthetic_prompt_embeds(pipe, prompt.text), output_type="latent")
+    else:
+        call.update(max_sequence_length=info.max_sequence_length,
+                    text_encoder_out_layers=info.text_encoder_out_layers, output_type="pil")
+        if prompt.text in embeds:
+            call["prompt_embeds"] = embeds[prompt.text].to(device)
+        elif pipe.text_encoder is None:
+            raise Flux2LabError(
+                f"prompt {prompt.text[:60]!r} was not encoded before this pipeline's text encoder was released; "
+                "load a fresh pipeline for new prompts (or encode them all before releasing it)."
+            )
+        else:
+            call["prompt"] = prompt.text
+        if prompt.images:
+            call["image"] = _load_reference_images(prompt.images)
+    method = recipe.cache.method
+    if method == "teacache":
+        teacache.reset_teacache(pipe.transformer)
+    # diffusers' caches keep their state per cache_context, which Flux2Pipeline never opens: one per image.
+    context = step_caches.step_cache_context(pipe.transformer) if method in DIFFUSERS_METHODS else nullcontext()
+    if counter is not None:
+        counter.reset()
+    _sync(device)
+    start = time.perf_counter()
+    with context:
+        out = pipe(**call).images
+    _sync(device)
+    wall = time.perf_counter() - start
+    step_s = None
+    if time_steps:
+        # The first step also carries prompt encoding and latent preparation; it is measured from the
+        # call's start, which is what a user waits for.
+        edges = [start, *step_ends]
+        step_s = [b - a for a, b in zip(edges, edges[1:])]
+    log = teacache.teacache_log(pipe.transformer) if method == "teacache" else None
+    record = ImageRecord(
+        prompt=prompt.text, seed=seed, wall_s=wall, step_s=step_s, teacache=log, reference_images=list(prompt.images),
+        cache_method=method, computed_fraction=None if counter is None else counter.computed_fraction(),
+        step_fractions=None if counter is None else counter.step_fractions())
+    return out[0], record

@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,10 +38,11 @@ from flux2lab import __version__
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.common.files import atomic_write_text
 from flux2lab.pipeline.models import ModelInfo
-from flux2lab.pipeline.recipe import Recipe
+from flux2lab.pipeline.recipe import CacheSettings, Recipe
 
 FORMAT = "flux2lab.frozen"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the recipe's `cache` field (any step cache); 1 (TeaCache only) is read and migrated
+READ_VERSIONS = (1, 2)
 PROVENANCE_KEYS = ("calibration", "study", "trial", "metrics", "notes")
 REFREEZE_HINT = ("python -m flux2lab.frozen {src} --out NEW.json (re-freezes its recipe and model with this "
                  "flux2lab; the new file records that it was re-frozen)")
@@ -152,6 +153,9 @@ class FrozenConfig:
     sha256: str
     schema_version: int = SCHEMA_VERSION
     signature: str | None = None
+    # The recipe exactly as an older schema stored it: what the hash and signature cover, while `recipe` holds it
+    # migrated to this schema (so a version-1 file still verifies and saves byte-for-byte the same content).
+    stored_recipe: Mapping[str, Any] | None = None
 
     @property
     def short_hash(self) -> str:
@@ -159,7 +163,8 @@ class FrozenConfig:
 
     def content(self) -> dict[str, Any]:
         """Everything the hash and signature cover (the file minus its `sha256` and `signature` fields)."""
-        return {"format": FORMAT, "schema_version": self.schema_version, "recipe": self.recipe.to_dict(),
+        recipe = self.recipe.to_dict() if self.stored_recipe is None else _thaw_json(self.stored_recipe)
+        return {"format": FORMAT, "schema_version": self.schema_version, "recipe": recipe,
                 "model": self.model.to_dict(), "provenance": _thaw_json(self.provenance)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,13 +200,25 @@ class FrozenConfig:
         return warnings
 
 
-def calibration_record(fit_path: str | Path, coefficients: tuple[float, ...]) -> dict[str, Any]:
-    """Provenance of a TeaCache calibration: the fit file, its checksum, and the coefficients used."""
+def calibration_record(fit_path: str | Path, coefficients: Sequence[float] | None = None, *,
+                       mag_ratios: Sequence[float] | None = None) -> dict[str, Any]:
+    """Provenance of a calibration: the fit file, its checksum, and the calibrated values a cache used (TeaCache's
+    coefficients, MagCache's magnitude ratios)."""
     path = Path(fit_path)
     if not path.is_file():
-        raise FrozenConfigError(f"calibration fit {path} does not exist; pass the fit.json the coefficients came from.")
+        raise FrozenConfigError(f"calibration fit {path} does not exist; pass the fit.json the values came from.")
+    used = {"coefficients": coefficients, "mag_ratios": mag_ratios}
     return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "coefficients": list(coefficients)}
+            **{k: list(v) for k, v in used.items() if v is not None}}
+
+
+def calibrated_values(cache: CacheSettings) -> dict[str, Any]:
+    """What a cache took from a calibration, as `calibration_record` keywords."""
+    if cache.method == "teacache":
+        return {"coefficients": cache.coefficients}
+    if cache.method == "magcache":
+        return {"mag_ratios": cache.as_dict().get("mag_ratios")}
+    return {}
 
 
 def _provenance(recipe: Recipe, given: Mapping[str, Any] | None, created: str | None) -> dict[str, Any]:
@@ -211,7 +228,7 @@ def _provenance(recipe: Recipe, given: Mapping[str, Any] | None, created: str | 
         raise FrozenConfigError(f"provenance has unknown key(s) {unknown}; allowed: {', '.join(PROVENANCE_KEYS)}.")
     cal = given.get("calibration")
     if isinstance(cal, (str, Path)):
-        given["calibration"] = calibration_record(cal, recipe.teacache.coefficients)
+        given["calibration"] = calibration_record(cal, **calibrated_values(recipe.cache))
     out = {k: given.get(k) for k in PROVENANCE_KEYS}
     if "refrozen_from" in given:
         out["refrozen_from"] = given["refrozen_from"]
@@ -302,9 +319,9 @@ def load_frozen(path: str | Path, *, require_signature: bool | None = None) -> F
             f"({__version__}) reads schema_version {SCHEMA_VERSION}. Upgrade flux2lab, or re-freeze the "
             f"recipe with this one: {hint}."
         )
-    if version != SCHEMA_VERSION:
+    if version not in READ_VERSIONS:
         raise FrozenConfigError(f"{path}: unknown schema_version {version!r} (this flux2lab reads "
-                                f"{SCHEMA_VERSION}). Re-freeze it: {hint}.")
+                                f"{', '.join(map(str, READ_VERSIONS))}). Re-freeze it: {hint}.")
     stored = data.get("sha256")
     content = {k: v for k, v in data.items() if k not in ("sha256", "signature")}
     try:
@@ -324,8 +341,9 @@ def load_frozen(path: str | Path, *, require_signature: bool | None = None) -> F
     recipe = Recipe.from_dict(content.get("recipe"), source=f"{path} (recipe)")
     if not isinstance(content.get("provenance"), dict):
         raise FrozenConfigError(f"{path}: field 'provenance' must be an object.")
+    old_recipe = _freeze_json(content["recipe"]) if version != SCHEMA_VERSION else None
     return FrozenConfig(recipe, ModelIdentity.of(content.get("model")), _freeze_json(content["provenance"]),
-                        stored, version, data.get("signature"))
+                        stored, version, data.get("signature"), old_recipe)
 
 
 def refreeze(path: str | Path, model: Any | None = None) -> FrozenConfig:

@@ -20,10 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flux2lab.pipeline.core import Generation, ImageRecord, Prompt, generate
-from flux2lab.pipeline.models import model_info
+from flux2lab.pipeline.models import compute_device, model_info
 from flux2lab.pipeline.recipe import Recipe
 
-SPEED_ONLY_FIELDS = ("compile", "cuda_graphs", "ulysses_degree")
+SPEED_ONLY_FIELDS = ("compile", "cuda_graphs", "ulysses_degree", "offload")
 
 
 def _file_digest(path: str) -> str:
@@ -32,8 +32,6 @@ def _file_digest(path: str) -> str:
 
 def image_key(model_id: str, recipe: Recipe, prompt: Prompt, seed: int) -> str:
     recipe_fields = {k: v for k, v in recipe.to_dict().items() if k not in SPEED_ONLY_FIELDS}
-    if not recipe.teacache.enabled:
-        recipe_fields["teacache"] = {"enabled": False}  # unused knobs do not change the image
     payload = {
         "model": model_id, "recipe": recipe_fields, "prompt": prompt.text, "seed": seed,
         "images": [_file_digest(p) for p in prompt.images],
@@ -45,7 +43,7 @@ def model_id(pipe: Flux2Pipeline) -> str:
     """The model's identity and the numerics it runs with, e.g. `tiny/torch.float32/cpu`."""
     info = model_info(pipe)
     name = f"{info.source}@{info.revision}" if info.revision else info.source
-    return f"{name}/{pipe.transformer.dtype}/{pipe.transformer.device.type}"
+    return f"{name}/{pipe.transformer.dtype}/{compute_device(pipe).type}"
 
 
 class ImageCache:
@@ -61,7 +59,9 @@ class ImageCache:
             return None
         rec = json.loads(meta.read_text())
         record = ImageRecord(prompt=rec["prompt"], seed=rec["seed"], wall_s=rec["wall_s"], step_s=rec["step_s"],
-                             teacache=rec["teacache"], reference_images=rec["reference_images"])
+                             teacache=rec["teacache"], reference_images=rec["reference_images"],
+                             cache_method=rec.get("cache_method", "none"),
+                             computed_fraction=rec.get("computed_fraction"), step_fractions=rec.get("step_fractions"))
         with Image.open(png) as im:
             return im.convert("RGB"), record
 

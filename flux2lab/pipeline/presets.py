@@ -1,4 +1,4 @@
-"""Named recipes for the command line: `bf16`, `fp8`, `nvfp4`, `teacache`, combined with `+`.
+"""Named recipes for the command line: `bf16`, `fp8`, `nvfp4`, `teacache`, `taylorseer`, ..., combined with `+`.
 
 `--a bf16 --b nvfp4+teacache@experiments/calibration/x/fit.json` reads better than two JSON files.
 A spec is either a recipe JSON file or `+`-joined parts applied in order to a base recipe:
@@ -7,7 +7,9 @@ A spec is either a recipe JSON file or `+`-joined parts applied in order to a ba
 - `te-fp8`: the text encoder in FP8 (what NVIDIA shipped);
 - `teacache`: TeaCache with NVIDIA's published FLUX.2 [dev] coefficients and settings;
 - `teacache@FIT.json`: TeaCache with the coefficients of a calibration fit;
-- `thresh=X`, `ret=N`, `cutoff=N`: TeaCache settings.
+- `taylorseer[=N]`: diffusers' TaylorSeer, computing every N-th step; `fbc[=X]`: FirstBlockCache at threshold X;
+  `seacache[=X]`: SeaCache at threshold X; `magcache@FIT.json`: MagCache with a calibration's magnitude ratios;
+- `thresh=X`, `ret=N`, `cutoff=N`, `order=N`, `slope=X`: settings of the cache chosen so far (TeaCache if none).
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import json
 from pathlib import Path
 
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.pipeline.recipe import Recipe, is_number
+from flux2lab.common.values import is_number
+from flux2lab.pipeline.recipe import Recipe
 
 PRESET_HELP = ("a recipe JSON file, or presets joined by '+': bf16 | fp8 | nvfp4 | te-fp8 | teacache | "
-               "teacache@FIT.json | thresh=X | ret=N | cutoff=N (e.g. nvfp4+teacache@fit.json+thresh=0.3)")
+               "teacache@FIT.json | taylorseer[=N] | fbc[=X] | seacache[=X] | magcache@FIT.json | thresh=X | ret=N | "
+               "cutoff=N | order=N | slope=X (e.g. nvfp4+teacache@fit.json+thresh=0.3+order=1)")
+# Settings a `name=value` part sets on the current cache (TeaCache when none is chosen yet), and their types.
+SETTING_PARTS = {"thresh": ("threshold", float), "ret": ("ret_steps", int), "cutoff": ("cutoff_steps", int),
+                 "order": ("residual_order", int), "slope": ("residual_slope", float)}
 
 
 def coefficients_from_fit(path: str | Path) -> tuple[float, ...]:
@@ -60,16 +67,26 @@ def resolve_recipe(spec: str, base: Recipe | None = None) -> Recipe:
             recipe = recipe.replace(transformer_precision=part)
         elif part == "te-fp8":
             recipe = recipe.replace(text_encoder_precision="fp8")
-        elif part == "teacache":
-            recipe = recipe.replace(teacache={"enabled": True})
-        elif name == "teacache" and arg:
-            recipe = recipe.replace(teacache={"enabled": True, "coefficients": coefficients_from_fit(arg)})
-        elif name == "thresh":
-            recipe = recipe.replace(teacache={"threshold": _number(part, arg, float)})
-        elif name == "ret":
-            recipe = recipe.replace(teacache={"ret_steps": _number(part, arg, int)})
-        elif name == "cutoff":
-            recipe = recipe.replace(teacache={"cutoff_steps": _number(part, arg, int)})
+        elif name == "teacache":
+            fit = {"coefficients": coefficients_from_fit(arg)} if arg else {}
+            recipe = recipe.replace(cache={"method": "teacache", **fit})
+        elif name == "taylorseer":
+            recipe = recipe.replace(cache={"method": "taylorseer",
+                                           **({"cache_interval": _number(part, arg, int)} if arg else {})})
+        elif name in ("fbc", "seacache"):
+            method = "first_block" if name == "fbc" else "seacache"
+            recipe = recipe.replace(cache={"method": method, **({"threshold": _number(part, arg, float)} if arg else {})})
+        elif name == "magcache":
+            if not arg:
+                raise Flux2LabError(f"preset '{part}': MagCache needs its calibrated ratios: magcache@FIT.json "
+                                    "(python -m flux2lab.calibrate records them).")
+            from flux2lab.calibration import mag_ratios_from_fit
+
+            recipe = recipe.replace(cache={"method": "magcache", "mag_ratios": mag_ratios_from_fit(arg)})
+        elif name in SETTING_PARTS and arg:
+            field, kind = SETTING_PARTS[name]
+            method = {"method": "teacache"} if recipe.cache.method == "none" else {}
+            recipe = recipe.replace(cache={**method, field: _number(part, arg, kind)})
         else:
             raise Flux2LabError(f"unknown preset '{part}' in '{spec}'; use {PRESET_HELP}.")
     return recipe

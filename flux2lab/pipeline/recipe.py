@@ -2,21 +2,36 @@
 
 Search proposes recipes, compare runs two, the runner runs one frozen recipe and the benchmark runs a
 ladder of them, so this is the only place that says what a run is and which values are allowed. JSON is
-the exchange format; `schema_version` lets a later flux2lab refuse (or migrate) files it does not know.
+the exchange format; `schema_version` lets a later flux2lab refuse (or migrate) files it does not know:
+version 1 (TeaCache as the only cache, `teacache.enabled`) is read and migrated to version 2's `cache` field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.values import is_int, is_number
+from flux2lab.pipeline.caches import (  # noqa: F401 (the TeaCache constants are read from here too)
+    CACHE_METHODS,
+    FLUX2_DEV_COEFFICIENTS,
+    FLUX2_DEV_RET_STEPS,
+    FLUX2_DEV_THRESHOLD,
+    CacheSettings,
+    CacheSettingsError,
+    NoCache,
+    StepCacheSettings,
+    TeaCacheSettings,
+    cache_from_dict,
+    migrate_v1_teacache,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
 QUANT_BACKENDS = ("auto", "native", "emulated")
@@ -24,26 +39,8 @@ QUANT_BACKENDS = ("auto", "native", "emulated")
 # component on the card at a time, enable_model_cpu_offload), group (one block at a time, streamed).
 OFFLOADS = ("none", "model", "group")
 
-# Published TeaCache coefficients for FLUX.2 [dev] (third degree, highest first; NVIDIA's code) and the
-# settings NVIDIA used with them.
-FLUX2_DEV_COEFFICIENTS = (1.04582360e02, -6.87605554e00, -8.61659379e-02, 5.37600252e-02)
-FLUX2_DEV_THRESHOLD = 0.05
-FLUX2_DEV_RET_STEPS = 10
-
-
 class RecipeError(Flux2LabError):
     """A recipe field has a value flux2lab does not accept."""
-
-
-@dataclass(frozen=True)
-class TeaCacheSettings:
-    """TeaCache's knobs. `coefficients` rescale the input distance (numpy.poly1d order)."""
-
-    enabled: bool = False
-    coefficients: tuple[float, ...] = FLUX2_DEV_COEFFICIENTS
-    threshold: float = FLUX2_DEV_THRESHOLD
-    ret_steps: int = FLUX2_DEV_RET_STEPS
-    cutoff_steps: int | None = None  # steps from this index on always compute; None = no cutoff
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Recipe:
     transformer_precision: str = "bf16"
     text_encoder_precision: str = "bf16"
     quant_backend: str = "auto"
-    teacache: TeaCacheSettings = field(default_factory=TeaCacheSettings)
+    cache: CacheSettings = field(default_factory=NoCache)  # the step cache: see flux2lab.pipeline.caches
     compile: bool = False
     cuda_graphs: bool = False
     ulysses_degree: int = 1
@@ -70,10 +67,13 @@ class Recipe:
         validate(self)
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some fields changed; `teacache` may be given as a dict of its own fields."""
-        tc = changes.get("teacache")
-        if isinstance(tc, dict):
-            changes["teacache"] = dataclasses.replace(self.teacache, **tc)
+        """A copy with some fields changed; `cache` may be given as a dict: settings of the current method, or
+        `{"method": M, ...}` to switch to M (its defaults plus what is given)."""
+        if isinstance(changes.get("cache"), dict):
+            try:
+                changes["cache"] = cache_from_dict(changes["cache"], self.cache)
+            except CacheSettingsError as e:
+                raise RecipeError(str(e)) from None
         return dataclasses.replace(self, **changes)
 
     def model_changes(self, other: Recipe) -> list[str]:
@@ -81,9 +81,8 @@ class Recipe:
         return [f for f in _MODEL_FIELDS if getattr(self, f) != getattr(other, f)]
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["teacache"]["coefficients"] = list(self.teacache.coefficients)
-        return {"schema_version": SCHEMA_VERSION, **d}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"schema_version": SCHEMA_VERSION, **d, "cache": self.cache.to_dict()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -93,27 +92,20 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe must be a JSON object, got {type(data).__name__}.")
         data = dict(data)
-        version = data.pop("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        # A file without a version is read as the schema its fields belong to (`teacache` was version 1's).
+        version = data.pop("schema_version", 1 if "teacache" in data else SCHEMA_VERSION)
+        if version not in READ_VERSIONS:
             raise RecipeError(
-                f"{source}: schema_version {version!r} is not supported by this flux2lab (it reads version "
-                f"{SCHEMA_VERSION}). Upgrade flux2lab, or re-create the recipe with this version."
+                f"{source}: schema_version {version!r} is not supported by this flux2lab (it reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}). Upgrade flux2lab, or re-create the recipe with this version."
             )
-        _reject_unknown(data, {f.name for f in dataclasses.fields(cls)}, source, "")
-        tc = data.get("teacache", {})
-        if not isinstance(tc, dict):
-            raise RecipeError(f"{source}: field 'teacache' must be an object, got {tc!r}.")
-        _reject_unknown(tc, {f.name for f in dataclasses.fields(TeaCacheSettings)}, source, "teacache.")
-        if "coefficients" in tc:
-            if not isinstance(tc["coefficients"], (list, tuple)):
-                raise RecipeError(
-                    f"{source}: field 'teacache.coefficients' must be a list of numbers (highest degree "
-                    f"first), got {tc['coefficients']!r}."
-                )
-            tc = {**tc, "coefficients": tuple(tc["coefficients"])}
         try:
-            return cls(**{**data, "teacache": TeaCacheSettings(**tc)})
-        except RecipeError as e:
+            if version == 1 and "teacache" in data:
+                data["cache"] = migrate_v1_teacache(data.pop("teacache"))
+            _reject_unknown(data, {f.name for f in dataclasses.fields(cls)}, source, "")
+            cache = cache_from_dict(data.get("cache", {"method": "none"}))
+            return cls(**{**data, "cache": cache})
+        except (RecipeError, CacheSettingsError) as e:
             raise RecipeError(f"{source}: {e}") from None
 
     @classmethod
@@ -152,14 +144,6 @@ def _reject_unknown(data: dict, allowed: set[str], source: str, prefix: str) -> 
         )
 
 
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate(recipe: Recipe) -> None:
     """Raise RecipeError naming the first bad field, its value and what is allowed."""
 
@@ -190,24 +174,9 @@ def validate(recipe: Recipe) -> None:
     if not is_number(recipe.guidance) or recipe.guidance < 0:
         raise bad("guidance", recipe.guidance, "a finite number >= 0")
 
-    tc = recipe.teacache
-    if not isinstance(tc, TeaCacheSettings):
-        raise bad("teacache", tc, "a TeaCacheSettings object")
-    if not isinstance(tc.enabled, bool):
-        raise bad("teacache.enabled", tc.enabled, "true | false")
-    if (not isinstance(tc.coefficients, tuple) or not tc.coefficients
-            or not all(is_number(c) for c in tc.coefficients)):
-        raise bad("teacache.coefficients", tc.coefficients, "a non-empty list of finite numbers, highest degree first")
-    if not is_number(tc.threshold) or tc.threshold < 0:
-        raise bad("teacache.threshold", tc.threshold, "a finite number >= 0")
-    if not is_int(tc.ret_steps) or tc.ret_steps < 0:
-        raise bad("teacache.ret_steps", tc.ret_steps, "an integer >= 0")
-    if tc.cutoff_steps is not None and (not is_int(tc.cutoff_steps) or tc.cutoff_steps < tc.ret_steps):
-        raise bad("teacache.cutoff_steps", tc.cutoff_steps, f"null or an integer >= ret_steps ({tc.ret_steps})")
-    # Step counts are only checked against `steps` when TeaCache is on, so the published defaults
-    # (ret_steps 10) do not forbid a short uncached run.
-    if tc.enabled and tc.ret_steps > recipe.steps:
-        raise bad("teacache.ret_steps", tc.ret_steps, f"an integer between 0 and steps ({recipe.steps})")
-    if tc.enabled and tc.cutoff_steps is not None and tc.cutoff_steps > recipe.steps:
-        raise bad("teacache.cutoff_steps", tc.cutoff_steps,
-                  f"null or an integer between ret_steps ({tc.ret_steps}) and steps ({recipe.steps})")
+    if not isinstance(recipe.cache, (NoCache, TeaCacheSettings, StepCacheSettings)):
+        raise bad("cache", recipe.cache, "step cache settings (flux2lab.pipeline.caches)")
+    try:
+        recipe.cache.check(recipe.steps)
+    except CacheSettingsError as e:
+        raise RecipeError(str(e)) from None

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.pipeline.recipe import Recipe, is_int
+from flux2lab.common.values import is_int
+from flux2lab.pipeline.recipe import Recipe
 from flux2lab.study.space import SearchSpace, build_space, read_grid_file
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ from typing import Any
 import optuna
 
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.pipeline.recipe import PRECISIONS, Recipe, RecipeError, is_int, is_number
+from flux2lab.common.values import is_int, is_number
+from flux2lab.pipeline.recipe import PRECISIONS, Recipe, RecipeError
 
 PARAMS = ("threshold", "ret_steps", "cutoff_steps", "transformer_precision")
 

@@ -108,8 +108,9 @@ def sample(
         return generate(pipe, list(prompts), list(seeds), recipe)
     if cache is not None:
         raise Flux2LabError("the image cache holds one-by-one images: use batch_size 1 with a cache.")
-    if recipe.teacache.enabled:
-        raise Flux2LabError("TeaCache skips steps per batch, not per image: evaluate it with batch_size 1.")
+    if recipe.cache.method != "none":
+        raise Flux2LabError(f"step caches ({recipe.cache.method}) decide per batch, not per image: evaluate them with "
+                            "batch_size 1.")
     if applied_recipe(pipe) != recipe:
         apply(pipe, recipe)
     info = model_info(pipe)
