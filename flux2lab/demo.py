@@ -4,8 +4,9 @@
     python -m flux2lab.demo --model black-forest-labs/FLUX.2-dev     # the real thing on a GPU (50 steps, 1024 px)
 
 Stages, in one process through the library, each writing under --out (default experiments/demo):
-calibrate TeaCache -> fit the polynomial -> search TeaCache settings (a small grid derived from the fit) ->
-compare BF16 vs NVFP4 -> freeze the fastest trial within the quality budget -> run the frozen config ->
+calibrate TeaCache -> fit the polynomial -> search across step caches (TeaCache at thresholds derived from the
+fit, TaylorSeer, SeaCache: one Pareto front) -> compare BF16 vs NVFP4 -> freeze the fastest trial of any method
+within the quality budget -> run the frozen config ->
 benchmark the speed ladder -> report. `demo.json` records every stage with the command that repeats it on its
 own; the report is OUT/report/index.html.
 """
@@ -23,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from flux2lab.cli import add_model_args, command_parser, run_main
+from flux2lab.cli import add_model_args, command_parser, non_negative_float, run_main
 from flux2lab.workflow.plan import (
     BUDGETS,
     PLANS,
@@ -32,6 +33,7 @@ from flux2lab.workflow.plan import (
     default_model,
     prepare_out,
     prompt_sets,
+    space_flags,
     thresholds_from_fit,
     write_manifest,
 )
@@ -40,8 +42,9 @@ from flux2lab.workflow.plan import (
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser(
         "demo",
-        description="Run every flux2lab stage in order on one model: TeaCache calibration and fit, a search over "
-                    "TeaCache settings, BF16 vs NVFP4 quality, freeze, run, speed benchmark and the report. "
+        description="Run every flux2lab stage in order on one model: TeaCache calibration and fit, a search across "
+                    "step caches (TeaCache, TaylorSeer, SeaCache), BF16 vs NVFP4 quality, freeze, run, speed "
+                    "benchmark and the report. "
                     "Without --model it uses the built-in model on this machine (no weights, no GPU needed).",
     )
     add_model_args(p, model_default=None,
@@ -52,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "replaced; any other non-empty folder is refused")
     p.add_argument("--quick", action="store_true",
                    help="the least work that fills every report section (tests; numbers are not meaningful)")
-    p.add_argument("--budget", type=float,
+    p.add_argument("--budget", type=non_negative_float,
                    help="quality budget of the freeze on the study's quality metric: max LPIPS (default: "
                         f"{BUDGETS['lpips']}) when LPIPS weights are found, else min SSIM (default: {BUDGETS['ssim']})")
     return p
@@ -61,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 def choose_plan(model: str, device: str, quick: bool) -> Plan:
     """The plan for this model and device; a model the demo cannot run here fails before any work."""
     from flux2lab.common.errors import Flux2LabError
-    from flux2lab.pipeline.models import BUILTIN
+    from flux2lab.pipeline.models import BUILTIN, check_source
 
+    check_source(model)
     if model == "full-random":
         raise Flux2LabError("model 'full-random' has no VAE, so quality cannot be measured; the demo needs a model "
                             "that makes images: tiny, mini, or the real weights (--model black-forest-labs/FLUX.2-dev).")
@@ -207,47 +211,52 @@ class Demo:
 
     def fit(self) -> str:
         from flux2lab import calibration
+        from flux2lab.common.formatting import fmt_number
 
         run_dir = self.path("calibration", STUDY)
         self.fit_json = calibration.fit_run(run_dir, ret_steps=self.ret_steps[0])
         self.thresholds = thresholds_from_fit(self.fit_json, self.plan.threshold_multiples)
         heldout = self.fit_json["heldout"]["r2"]
         self.say(f"      {self.fit_json['skip_limits']['advice'][0]}")
-        return (f"R² {self.fit_json['r2']:.3f}, held-out R² {'n/a' if heldout is None else f'{heldout:.3f}'}; "
+        return (f"R² {fmt_number(self.fit_json['r2'], '.3f', missing='undefined')}, held-out R² "
+                f"{fmt_number(heldout, '.3f', missing='n/a')}; "
                 f"search thresholds from the fit: {', '.join(f'{t:g}' for t in self.thresholds)} "
                 f"-> {run_dir / 'fit.png'}")
 
+    def search_space(self) -> dict[str, Any]:
+        """The search's methods and values as the search command's flags take them: TeaCache's thresholds read
+        off the fit and its ret_steps, the plan's other settings as `--space` items."""
+        return {"methods": ",".join(self.plan.cache_space),
+                "flags": {"threshold": ",".join(f"{t:g}" for t in self.thresholds),
+                          "ret_steps": ",".join(map(str, self.ret_steps))},
+                "space_overrides": space_flags(self.plan)}
+
     def search_command(self) -> list[str]:
+        space = self.search_space()
         return ["python", "-m", "flux2lab.search", "--study", STUDY, "--experiments", str(self.out), *self.common,
                 "--prompts", str(self.manifests["search"][0]), "--calibration",
-                str(self.path("calibration", STUDY, "fit.json")), *self.shape,
-                "--threshold", ",".join(f"{t:g}" for t in self.thresholds),
-                "--ret-steps", ",".join(map(str, self.ret_steps)), "--quality-metric", self.quality_metric,
-                "--speed-metric", self.speed_metric, "--skip-missing"]
+                str(self.path("calibration", STUDY, "fit.json")), *self.shape, "--methods", space["methods"],
+                "--threshold", space["flags"]["threshold"], "--ret-steps", space["flags"]["ret_steps"],
+                *(a for item in space["space_overrides"] for a in ("--space", item)),
+                "--quality-metric", self.quality_metric, "--speed-metric", self.speed_metric, "--skip-missing"]
 
     @property
     def speed_metric(self) -> str:
-        # On a CPU that other work shares, time per image of a toy model is mostly noise; the fraction of steps
-        # skipped is what the speed follows there. On a GPU, time is measured and meaningful.
-        return "time" if self.device.startswith("cuda") else "skipped"
+        # On a CPU that other work shares, time per image of a toy model is mostly noise; the share of the block
+        # stack computed is what the speed follows there. On a GPU, time is measured and meaningful.
+        return "time" if self.device.startswith("cuda") else "computed"
 
     def search(self) -> str:
         import optuna
 
         from flux2lab import study as st
-        from flux2lab.pipeline.frozen import calibration_record
         from flux2lab.pipeline.models import free_memory
-        from flux2lab.pipeline.presets import coefficients_from_fit
 
-        fit_path = self.path("calibration", STUDY, "fit.json")
-        coefficients = coefficients_from_fit(fit_path)
-        base = self.recipe().replace(teacache={"coefficients": coefficients, "enabled": False})
-        space = st.build_space(base, {"threshold": self.thresholds, "ret_steps": self.ret_steps}, "demo grid")
-        entries, seeds = self.sets["search"], self.manifests["search"][1]
-        config = st.StudyConfig(
-            model=self.model, base_recipe=base.to_dict(), space=space.to_dict(),
-            calibration=calibration_record(fit_path, coefficients),
-            prompts=st.prompt_records(entries, seeds),
+        # The configuration `python -m flux2lab.search` makes from the same flags (search_command).
+        config = st.make_config(
+            model=self.model, prompts=self.manifests["search"][0], weights=self.weights,
+            overrides={"steps": self.plan.steps, "height": self.plan.size, "width": self.plan.size},
+            calibration=self.path("calibration", STUDY, "fit.json"), **self.search_space(),
             quality_metric=self.quality_metric, speed_metric=self.speed_metric)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are summarised below, failures in notes
         self.storage_url = st.default_storage(self.out)
@@ -266,8 +275,10 @@ class Demo:
         if status.failed:
             self.record["notes"].append(f"search: {len(status.failed)} trial(s) failed: "
                                         + "; ".join(t.user_attrs["fail_reason"] for t in status.failed))
-        return (f"{status.complete}/{status.total} grid points, {len(status.failed)} failed; Pareto front: trials "
-                f"{', '.join(str(t.number) for t in front)} -> {self.storage_url.removeprefix('sqlite:///')}")
+        methods = ", ".join(f"{t.number} ({self.config.trial_point(t)['method']})" for t in front)
+        return (f"{status.complete}/{status.total} grid points of {len(self.config.search_space.methods)} methods, "
+                f"{len(status.failed)} failed; Pareto front: trials {methods} "
+                f"-> {self.storage_url.removeprefix('sqlite:///')}")
 
     def compare(self) -> str:
         from flux2lab.metrics import MetricOptions
@@ -299,9 +310,12 @@ class Demo:
                                 "with --budget X.") from None
         self.frozen = st.freeze_trial(self.study, self.config, trial, self.path("frozen", f"{STUDY}.json"),
                                       storage_url=self.storage_url, budgets=budgets)
+        from flux2lab.common.formatting import fmt_percent
+
         q = trial.user_attrs["metrics"][self.quality_metric]
-        return (f"trial {trial.number} {dict(trial.params)}: {self.quality_metric} {float(q):.4g}, "
-                f"{trial.user_attrs['skipped_fraction']:.0%} steps skipped (fastest within "
+        computed = fmt_percent(trial.user_attrs.get("computed_fraction"), missing="n/a")
+        return (f"trial {trial.number} ({st.describe_point(self.config.trial_point(trial))}): {self.quality_metric} "
+                f"{float(q):.4g}, {computed} of the block stack computed (fastest of any method within "
                 f"{st.describe_budgets(budgets)}) -> {self.frozen}")
 
     def run_argv(self, prefix: bool = False) -> list[str]:
@@ -319,9 +333,12 @@ class Demo:
         with self.log("run"):
             run.main(self.run_argv())
         free_memory()
+        from flux2lab.common.formatting import fmt_percent
+
         summary = json.loads(self.path("run", "summary.json").read_text())
-        return (f"{summary['images_made']} images, {summary['mean_wall_s']:.2f} s/image, "
-                f"{summary['skipped_fraction']:.0%} steps skipped -> {self.path('run')}")
+        return (f"{summary['images_made']} images, {summary['mean_wall_s']:.2f} s/image, {summary['cache_method']}: "
+                f"{fmt_percent(summary['computed_fraction'], missing='n/a')} of the block stack computed "
+                f"-> {self.path('run')}")
 
     def bench_command(self) -> list[str]:
         return ["python", "-m", "flux2lab.bench", *self.common, *self.shape, "--reps", str(self.plan.bench_reps),

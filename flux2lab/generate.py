@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, command_parser, run_main, shape_overrides
+from flux2lab.cli import add_model_args, command_parser, positive_int, run_main, seed_int, shape_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,9 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts", type=Path, help="a prompt file (.jsonl manifest or one prompt a line)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; the next get seed+1...")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image; the next get seed+1...")
     p.add_argument("--recipe", type=Path, help="a recipe JSON (default: plain BF16, no acceleration)")
-    p.add_argument("--steps", type=int, help="denoising steps (overrides the recipe)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps (overrides the recipe)")
     p.add_argument("--height", type=int, help="image height (overrides the recipe; default: the model's)")
     p.add_argument("--width", type=int, help="image width (overrides the recipe; default: the model's)")
     p.add_argument("--out", type=Path, required=True, help="output folder for PNGs and record.json")
@@ -29,22 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flux2lab.common.errors import Flux2LabError
+    from flux2lab.common.files import prepare_output_dir
     from flux2lab.pipeline.core import Prompt, generate
-    from flux2lab.pipeline.models import load_pipeline, model_info
-    from flux2lab.pipeline.prompts import load_prompts, seeds_for
+    from flux2lab.pipeline.models import check_source, load_pipeline, model_info
+    from flux2lab.pipeline.prompts import PromptEntry, load_prompts, seeds_for
     from flux2lab.pipeline.recipe import Recipe
 
+    check_source(args.model)
     entries = load_prompts(args.prompts) if args.prompts else []
-    prompts = [e.prompt for e in entries] + [Prompt(t) for t in args.prompt]
-    if not prompts:
+    entries += [PromptEntry(Prompt(t), None, f"prompt-{i}") for i, t in enumerate(args.prompt, start=1)]
+    if not entries:
         raise Flux2LabError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE.")
-    seeds = seeds_for(entries, args.seed) + [args.seed + len(entries) + i for i in range(len(args.prompt))]
+    prompts, seeds = [e.prompt for e in entries], seeds_for(entries, args.seed)
     recipe = (Recipe.load(args.recipe) if args.recipe else Recipe()).replace(**shape_overrides(args))
+    prepare_output_dir(args.out, "--out")
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     result = generate(pipe, prompts, seeds, recipe, time_steps=True, progress=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     files = []
     for i, (image, rec) in enumerate(zip(result.images, result.records)):
         if hasattr(image, "save"):

@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flux2lab.common.errors import Flux2LabError
+    from flux2lab.common.files import prepare_output_dir
     from flux2lab.reporting import build, write
 
     if args.experiments is None and not args.bench and not args.storage:
         raise Flux2LabError("give --experiments DIR (and/or --bench DIR, --storage URL): what to report on.")
+    prepare_output_dir(args.out, "--out")
     words = sys.argv[1:] if argv is None else argv
     report = build(args.experiments, bench_dirs=args.bench, storages=args.storage, title=args.title,
                    command=f"python -m flux2lab.report {shlex.join(words)}")

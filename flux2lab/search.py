@@ -1,4 +1,4 @@
-"""`python -m flux2lab.search`: sweep TeaCache threshold x ret_steps with Optuna, show the Pareto front, freeze.
+"""`python -m flux2lab.search`: search every step cache's settings with Optuna, show one Pareto front, freeze.
 
     python -m flux2lab.search --model M --calibration fit.json --prompts FILE --study NAME   # create / resume
     python -m flux2lab.search --study NAME --storage URL                                   # join as a worker
@@ -10,17 +10,29 @@ The library is `flux2lab.study`; this module only turns flags into its calls and
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-from flux2lab.cli import DEFAULT_MODEL, MODEL_HELP, add_model_args, command_parser, run_main, shape_overrides
+from flux2lab.cli import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    add_model_args,
+    command_parser,
+    finite_float,
+    folder_name,
+    non_negative_int,
+    positive_int,
+    run_main,
+    sampler_seed_int,
+    seed_int,
+    shape_overrides,
+)
 from flux2lab.common.errors import Flux2LabError
 
 # Options that define a study (stored in it). Given on a rerun, they must match; left out, the stored ones hold.
-DEFINING = ("model", "prompts", "seed", "recipe", "steps", "height", "width", "calibration", "grid", "threshold",
-            "ret_steps", "cutoff_steps", "precision", "sampler", "n_trials", "sampler_seed", "quality_metric",
-            "speed_metric")
+DEFINING = ("model", "prompts", "seed", "recipe", "steps", "height", "width", "calibration", "methods", "grid",
+            "threshold", "ret_steps", "cutoff_steps", "space", "precision", "sampler", "n_trials", "sampler_seed",
+            "quality_metric", "speed_metric")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command_parser(
         "search",
-        description="Search TeaCache settings (threshold x ret_steps, optionally cutoff_steps and transformer "
-                    "precision) with Optuna: each trial generates the prompt set, is timed and scored against an "
-                    "uncached reference; the Pareto front of speed vs quality is printed and plotted. --freeze "
-                    "picks the fastest point within a quality budget. Interrupted studies resume where they "
-                    "stopped; several processes or machines can share one study through its storage.",
+        description="Search step caches (TeaCache, TaylorSeer, MagCache, FirstBlockCache, SeaCache: the method and "
+                    "its own settings; optionally the transformer precision) with Optuna: each trial generates the "
+                    "prompt set, is timed, counts the share of the block stack computed and is scored against an "
+                    "uncached reference; one Pareto front of speed vs quality across the methods is printed and "
+                    "plotted. --freeze picks the fastest point of any method within a quality budget. Interrupted "
+                    "studies resume where they stopped; several processes or machines can share one study through "
+                    "its storage.",
     )
-    p.add_argument("--study", required=True, help="study name (also its folder under EXPERIMENTS/studies/)")
+    p.add_argument("--study", type=folder_name, required=True,
+                   help="study name (also its folder under EXPERIMENTS/studies/)")
     p.add_argument("--storage", help="SQLAlchemy URL of the Optuna storage (default: sqlite:///EXPERIMENTS/studies.db)")
     p.add_argument("--experiments", type=Path, default=Path("experiments"),
                    help="folder for the default storage, study folders and frozen configs")
@@ -45,46 +60,58 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(d, model_default=None, model_help=f"{MODEL_HELP} (a new study's default: {DEFAULT_MODEL})")
     d.add_argument("--prompts", type=Path, help="prompt file (.jsonl manifest or one prompt a line); required for a "
                                                 "new study")
-    d.add_argument("--seed", type=int, help="seed of the first prompt without its own seed; the next get +1 (default: 0)")
-    d.add_argument("--recipe", type=Path, help="base recipe JSON (default: plain BF16); TeaCache is set per trial")
-    d.add_argument("--steps", type=int, help="denoising steps (overrides the base recipe)")
+    d.add_argument("--seed", type=seed_int,
+                   help="seed of the first prompt without its own seed; the next get +1 (default: 0)")
+    d.add_argument("--recipe", type=Path, help="base recipe JSON (default: plain BF16); its cache is replaced by each "
+                                               "trial's")
+    d.add_argument("--steps", type=positive_int, help="denoising steps (overrides the base recipe)")
     d.add_argument("--height", type=int, help="image height (overrides the base recipe)")
     d.add_argument("--width", type=int, help="image width (overrides the base recipe)")
-    d.add_argument("--calibration", type=Path, help="calibration fit.json with the TeaCache coefficients "
-                                                    "(default: the published FLUX.2 [dev] coefficients)")
-    d.add_argument("--grid", type=Path, help="YAML/JSON file {threshold: [...], ret_steps: [...], cutoff_steps: "
-                                             "[...], transformer_precision: [...]}")
+    d.add_argument("--calibration", type=Path, help="calibration fit.json: TeaCache's coefficients and MagCache's "
+                                                    "ratios (default: the published FLUX.2 [dev] coefficients, and "
+                                                    "no MagCache)")
+    d.add_argument("--methods", help="comma-separated step caches to search: teacache, taylorseer, magcache, "
+                                     "first_block, seacache (default: every one that can run; magcache needs a "
+                                     "--calibration with its ratios)")
+    d.add_argument("--grid", type=Path, help="YAML/JSON file {teacache: {threshold: [...], ret_steps: [...]}, "
+                                             "taylorseer: {cache_interval: [...]}, ..., transformer_precision: "
+                                             "[...]}; flat threshold, ret_steps, cutoff_steps are TeaCache's")
     d.add_argument("--threshold", help="comma-separated TeaCache thresholds (default: 0.02,0.05,0.1,0.2)")
-    d.add_argument("--ret-steps", help="comma-separated ret_steps (default: 0, 10%% and 20%% of the steps)")
-    d.add_argument("--cutoff-steps", help="comma-separated cutoff_steps; 'none' = no cutoff (default: not searched)")
+    d.add_argument("--ret-steps", help="comma-separated TeaCache ret_steps (default: 0, 10%% and 20%% of the steps)")
+    d.add_argument("--cutoff-steps", help="comma-separated TeaCache cutoff_steps; 'none' = no cutoff (default: not "
+                                          "searched)")
+    d.add_argument("--space", action="append", metavar="METHOD.SETTING=V1,V2",
+                   help="values of any method's setting, e.g. taylorseer.cache_interval=2,3 or "
+                        "teacache.residual_order=0 (repeat for more; wins over --grid)")
     d.add_argument("--precision", help="comma-separated transformer precisions, e.g. bf16,fp8 (default: not searched)")
-    d.add_argument("--sampler", choices=["grid", "tpe"], help="grid (every point; the default) or tpe (--n-trials "
-                                                              "trials within the grid's ranges)")
-    d.add_argument("--n-trials", type=int, help="number of trials for --sampler tpe")
-    d.add_argument("--sampler-seed", type=int, help="seed of the grid order / TPE (default: 0)")
+    d.add_argument("--sampler", choices=["grid", "tpe"], help="grid (every point of every method; the default) or tpe "
+                                                              "(--n-trials trials: a method, then its settings "
+                                                              "within the grid's ranges)")
+    d.add_argument("--n-trials", type=positive_int, help="number of trials for --sampler tpe")
+    d.add_argument("--sampler-seed", type=sampler_seed_int, help="seed of the grid order / TPE (default: 0)")
     d.add_argument("--quality-metric", choices=["auto", "lpips", "psnr", "ssim"],
                    help="quality objective (default: auto, i.e. lpips when its weights are found, else ssim)")
-    d.add_argument("--speed-metric", choices=["time", "skipped"],
-                   help="speed objective: measured time per image (the default) or the fraction of skipped steps "
-                        "(steadier where timings are noisy, e.g. a busy CPU)")
+    d.add_argument("--speed-metric", choices=["time", "computed"],
+                   help="speed objective: measured time per image (the default) or the fraction of the block stack "
+                        "computed (steadier where timings are noisy, e.g. a busy CPU)")
 
     r = p.add_argument_group("running")
-    r.add_argument("--workers", type=int, default=1, help="local worker processes, each on its own GPU where there "
+    r.add_argument("--workers", type=positive_int, default=1, help="local worker processes, each on its own GPU where there "
                                                           "are several (1: run in this process)")
-    r.add_argument("--keep-pipelines", type=int, default=1,
+    r.add_argument("--keep-pipelines", type=positive_int, default=1,
                    help="pipelines kept loaded when transformer precision is searched (each is a whole model)")
     r.add_argument("--retry-failed", action="store_true",
                    help="run again the grid points whose trials failed with an error")
     r.add_argument("--quiet", action="store_true", help="no progress bar or summary (for worker processes)")
-    r.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    r.add_argument("--worker-index", type=non_negative_int, default=0, help=argparse.SUPPRESS)
     add_weight_arguments(r)
 
     f = p.add_argument_group("freeze")
     f.add_argument("--freeze", action="store_true", help="write the fastest trial within the quality budget as a "
                                                          "frozen config")
-    f.add_argument("--max-lpips", type=float, help="quality budget: LPIPS at most X")
-    f.add_argument("--min-psnr", type=float, help="quality budget: PSNR at least X dB")
-    f.add_argument("--min-ssim", type=float, help="quality budget: SSIM at least X")
+    f.add_argument("--max-lpips", type=finite_float, help="quality budget: LPIPS at most X")
+    f.add_argument("--min-psnr", type=finite_float, help="quality budget: PSNR at least X dB")
+    f.add_argument("--min-ssim", type=finite_float, help="quality budget: SSIM at least X")
     f.add_argument("--out", type=Path, help="frozen config path (default: EXPERIMENTS/frozen/STUDY.json)")
     return p
 
@@ -110,7 +137,7 @@ def _config_from_args(args, weights):
     return st.make_config(
         model=args.model or DEFAULT_MODEL, prompts=args.prompts, weights=weights, seed=args.seed, recipe=args.recipe,
         overrides=shape_overrides(args),
-        calibration=args.calibration, grid=args.grid,
+        calibration=args.calibration, grid=args.grid, methods=args.methods, space_overrides=args.space or (),
         flags={"threshold": args.threshold, "ret_steps": args.ret_steps, "cutoff_steps": args.cutoff_steps,
                "transformer_precision": args.precision},
         sampler=args.sampler, n_trials=args.n_trials, sampler_seed=args.sampler_seed,
@@ -123,7 +150,7 @@ def _best(study, config) -> str:
     out = []
     for t in st.pareto_front(study, config)[:3]:
         speed = (f"{t.user_attrs['time_per_image']:.2f}s" if config.speed_metric == "time"
-                 else f"{t.user_attrs['skipped_fraction']:.0%}skip")
+                 else f"{t.user_attrs['computed_fraction']:.0%}computed")
         out.append(f"{speed}/{config.quality_metric} {float(t.user_attrs['metrics'][config.quality_metric]):.3g}")
     return "best: " + " | ".join(out) if out else ""
 
@@ -135,14 +162,15 @@ def _summary(study, config, args, storage_url: str, status) -> str:
     lines = [(f"study {args.study}: {status.done}/{status.total} {unit} done ({status.complete} complete, "
               f"{len(status.failed)} failed); storage {st.display_url(storage_url)}")]
     for t in status.failed:
-        lines.append(f"  failed: trial {t.number} {dict(t.params)}: {t.user_attrs['fail_reason']}")
+        lines.append(f"  failed: trial {t.number} ({st.describe_point(config.trial_point(t))}): "
+                     f"{t.user_attrs['fail_reason']}")
     if status.failed:
         lines.append("  (rerun with --retry-failed to try failed points again)")
     if status.done < status.total:
         lines.append(f"  {status.total - status.done} {unit} not done: rerun the command to finish the study.")
     front = st.pareto_front(study, config)
     if front:
-        speed = "time per image" if config.speed_metric == "time" else "skipped steps"
+        speed = "time per image" if config.speed_metric == "time" else "share of the block stack computed"
         lines += ["", f"Pareto front ({speed} vs {config.quality_metric}, against the uncached reference):",
                   st.format_table(front, config)]
         plot = st.plot_pareto(study, config, _study_dir(args) / "pareto.png")
@@ -177,16 +205,18 @@ def _spawn(args, storage_url: str) -> tuple[list, str | None]:
 
 def _freeze(args, storage, storage_url: str) -> int:
     from flux2lab import study as st
+    from flux2lab.common.files import check_output_file
 
     study, config = st.load_study(args.study, storage)
     bounds = {k: getattr(args, f"{side}_{k}") for k, side in st.BUDGETS.items()}  # --max-lpips, --min-psnr...
     budgets = {k: v for k, v in bounds.items() if v is not None}
     trial = st.select(study, config, budgets)
-    out = args.out or args.experiments / "frozen" / f"{args.study}.json"
+    out = check_output_file(args.out or args.experiments / "frozen" / f"{args.study}.json", "--out")
     if out.exists():
         raise Flux2LabError(f"{out} exists; frozen configs are not overwritten. Give another --out PATH.")
     path = st.freeze_trial(study, config, trial, out, storage_url=storage_url, budgets=budgets)
-    print(f"trial {trial.number} {dict(trial.params)} is the fastest within {st.describe_budgets(budgets)}:")
+    print(f"trial {trial.number} ({st.describe_point(config.trial_point(trial))}) is the fastest within "
+          f"{st.describe_budgets(budgets)}:")
     print(st.format_table([trial], config))
     print(f"frozen config: {path}")
     return 0
@@ -198,11 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from flux2lab import study as st
+    from flux2lab.pipeline.models import check_source
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.study):
-        raise Flux2LabError(f"--study {args.study!r}: use letters, digits, '.', '_' and '-' (it names a folder).")
-    if args.workers < 1:
-        raise Flux2LabError("--workers must be at least 1.")
+    if args.model is not None:
+        check_source(args.model)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by this command, once each
     storage_url = args.storage or st.default_storage(args.experiments)
     storage = st.open_storage(storage_url)
@@ -226,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         for t in status.failed:
             if t.number not in reported:
                 reported.add(t.number)
-                say(f"trial {t.number} {dict(t.params)} failed: {t.user_attrs['fail_reason']}")
+                say(f"trial {t.number} ({st.describe_point(config.trial_point(t))}) failed: "
+                    f"{t.user_attrs['fail_reason']}")
         bar.n = status.done
         bar.set_postfix_str(_best(study, config), refresh=True)
 

@@ -5,7 +5,7 @@ Each case runs a command's main(argv) in this process the way `python -m flux2la
 (`flux2lab.cli.run_main`). Loading a model raises AssertionError("model loaded"), so a mistake found only after
 loading fails its case as a late failure; a traceback fails it with its own type, and an accepted input fails it
 with exit 0. argparse's own refusals (`usage: ...` then `PROG: error: argument --flag: ...`, exit 2) count as
-clear errors too. Cases still open carry `xfail(strict=True)` with the cause and where the fix belongs.
+clear errors too.
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ from flux2lab.cli import run_main
 BIG_SEED = str(2**63)  # one past the largest seed torch takes
 FOLDER = ("folder", "directory")  # an `expect` entry that is a tuple: any one of its words
 TEXT = "this is not a weight file, an image or a model\n"
-
-
-def xfail(reason: str):
-    return pytest.mark.xfail(reason=reason, strict=True)
 
 
 @pytest.fixture
@@ -120,12 +116,15 @@ COMMANDS = {
 
 
 def run_command(command: str, argv: list[str], capsys) -> tuple[int, str]:
-    """Exit status and stderr of `python -m flux2lab.<command> ARGV`, run in this process."""
+    """Exit status and stderr of `python -m flux2lab.<command> ARGV`, run in this process (its stdout is left for
+    the caller's `capsys.readouterr().out`)."""
     main = importlib.import_module(COMMANDS[command]).main
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         run_main(main, argv)
-    return exited.value.code, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    print(out, end="")
+    return exited.value.code, err
 
 
 def assert_refused(command: str, argv: list[str], expect: tuple[str | tuple[str, ...], ...], capsys) -> str:
@@ -151,19 +150,6 @@ EVAL = "--model tiny --n 2 --steps 2"
 TRAIN = "--smoke --no-eval --max-steps 1"
 DEMO = "--quick --model tiny"
 
-# Open cases: the cause, and where the fix belongs. Kept in one place so the list the lead works from is here.
-DEVICE_NAME = "torch.device() raises RuntimeError on an unknown name: check the name where --device is parsed " \
-              "(cli.add_model_args type, or pipeline.models.load_pipeline) and name the flag"
-UNKNOWN_MODEL = "an unknown name reaches Flux2Pipeline.from_pretrained and is reported as 'not in the HF cache': " \
-                "pipeline.models.load_pipeline should say a name that is neither built in, a folder nor owner/name " \
-                "is unknown, before loading"
-OUT_LATE = "--out is created/checked only after the work: create and check it first (the command's main)"
-RECIPE_UTF8 = "Recipe.load reads with the locale and lets UnicodeDecodeError out: pipeline/recipe.py Recipe.load"
-RECIPE_DIR = "Recipe.load calls a folder 'does not exist': pipeline/recipe.py Recipe.load"
-WEIGHTS_BOGUS = "metrics.check_weights only checks that the file exists; the text file fails at scoring time, " \
-                "after generation: open/validate it in metrics.check_weights (metrics/ is being cut)"
-
-
 CASES = [
     # --- out-of-range numbers
     pytest.param("generate", GEN + " --out {out} --steps 0", ("steps",), id="generate-steps-0"),
@@ -174,57 +160,41 @@ CASES = [
                  id="generate-manifest-seed-2**63"),
     pytest.param("generate", GEN + " --out {out} --height 20", ("height",), id="generate-height-not-16x"),
     pytest.param("generate", "--model tiny --prompt a --prompt b --out {out} --seed " + str(2**63 - 1), ("seed",),
-                 id="generate-seed-overflows-with-prompts",
-                 marks=xfail("generate.main adds seed + i for --prompt texts itself, past 2**63-1: take their seeds "
-                             "from prompts.seeds_for too")),
+                 id="generate-seed-overflows-with-prompts"),
     pytest.param("generate", GEN + " --out {out} --dtype fp64", ("--dtype",), id="generate-dtype-unknown"),
     pytest.param("run", RUN + " --out {out} --seed " + str(2**63 - 1), ("--seed",), id="run-seed-overflows-with-prompts"),
     pytest.param("calibrate", CAL + " --steps 0", ("steps",), id="calibrate-steps-0"),
-    pytest.param("calibrate", CAL + " --steps 1", ("steps",), id="calibrate-steps-1",
-                 marks=xfail("the '--steps >= 2' check is in calibration.record, after load_pipeline: check it in "
-                             "calibrate.main before loading")),
+    pytest.param("calibrate", CAL + " --steps 1", ("steps",), id="calibrate-steps-1"),
     pytest.param("calibrate", CAL + " --limit 0", ("--limit",), id="calibrate-limit-0"),
     pytest.param("calibrate", CAL + " --limit -1", ("--limit",), id="calibrate-limit-neg"),
     pytest.param("calibrate", CAL + " --seed -1", ("seed",), id="calibrate-seed-neg"),
-    pytest.param("calibrate", CAL + " --degree 0", ("--degree",), id="calibrate-degree-0",
-                 marks=xfail("--degree is checked by calibration.fit_samples after the whole recording: check it "
-                             "in calibrate.main (or a calibration.check_degree) before loading")),
-    pytest.param("calibrate", CAL + " --degree 7", ("--degree",), id="calibrate-degree-7",
-                 marks=xfail("as calibrate-degree-0")),
-    pytest.param("calibrate", CAL + " --ret-steps -1", ("--ret-steps",), id="calibrate-ret-steps-neg",
-                 marks=xfail("--ret-steps is never range-checked (calibrate.main / calibration.fit_run)")),
+    pytest.param("calibrate", CAL + " --degree 0", ("--degree",), id="calibrate-degree-0"),
+    pytest.param("calibrate", CAL + " --degree 7", ("--degree",), id="calibrate-degree-7"),
+    pytest.param("calibrate", CAL + " --ret-steps -1", ("--ret-steps",), id="calibrate-ret-steps-neg"),
     pytest.param("calibrate", "--name good --out {tmp}/cal --fit-only --ret-steps -1", ("--ret-steps",),
-                 id="calibrate-fit-only-ret-steps-neg",
-                 marks=xfail("--ret-steps with --fit-only is never range-checked (calibrate.main / "
-                             "calibration.fit_run)")),
+                 id="calibrate-fit-only-ret-steps-neg"),
     pytest.param("calibrate", "--name good --out {tmp}/cal --fit-only --ret-steps 7", ("--ret-steps",),
-                 id="calibrate-fit-only-ret-steps-over-steps",
-                 marks=xfail("--ret-steps above the recorded steps is accepted (calibration.fit_run)")),
+                 id="calibrate-fit-only-ret-steps-over-steps"),
     pytest.param("calibrate", "--name good --out {tmp}/cal --fit-only --degree 0", ("--degree",),
                  id="calibrate-fit-only-degree-0"),
     pytest.param("calibrate", CAL + " --shard 2/2", ("--shard",), id="calibrate-shard-out-of-range"),
-    pytest.param("compare", CMP + " --prompts {prompts} --out {out} --limit 0", ("--limit",), id="compare-limit-0",
-                 marks=xfail("compare.main slices entries[:0] without a check: refuse --limit < 1 there")),
+    pytest.param("compare", CMP + " --prompts {prompts} --out {out} --limit 0", ("--limit",), id="compare-limit-0"),
     pytest.param("compare", CMP + " --prompts {prompts} --out {out} --limit -1", ("--limit",),
-                 id="compare-limit-neg",
-                 marks=xfail("compare.main slices entries[:-1]: silently drops the last prompt")),
+                 id="compare-limit-neg"),
     pytest.param("compare", CMP + " --prompts {prompts} --out {out} --seed -1", ("seed",), id="compare-seed-neg"),
     pytest.param("compare", CMP + " --prompts {prompts} --out {out} --steps 0", ("steps",), id="compare-steps-0"),
     pytest.param("search", SRCH + " --prompts {prompts} --seed -1", ("seed",), id="search-seed-neg"),
     pytest.param("search", SRCH + " --prompts {prompts} --steps 0", ("steps",), id="search-steps-0"),
     pytest.param("search", SRCH + " --prompts {prompts} --workers 0", ("--workers",), id="search-workers-0"),
     pytest.param("search", SRCH + " --prompts {prompts} --keep-pipelines 0", ("--keep-pipelines",),
-                 id="search-keep-pipelines-0",
-                 marks=xfail("--keep-pipelines is not range-checked (search.main / study.TrialRunner)")),
+                 id="search-keep-pipelines-0"),
     pytest.param("search", SRCH + " --prompts {prompts} --sampler tpe --n-trials 0", ("--n-trials",),
                  id="search-n-trials-0"),
     pytest.param("search", SRCH + " --prompts {prompts} --threshold -0.1", ("threshold",),
                  id="search-threshold-neg"),
     pytest.param("search", SRCH + " --prompts {prompts} --ret-steps -1", ("ret",), id="search-ret-steps-neg"),
-    pytest.param("run", RUN + " --out {out} --pg-timeout 0", ("--pg-timeout",), id="run-pg-timeout-0",
-                 marks=xfail("--pg-timeout is not range-checked (run.main, before parallel.init)")),
-    pytest.param("run", RUN + " --out {out} --pg-timeout -5", ("--pg-timeout",), id="run-pg-timeout-neg",
-                 marks=xfail("as run-pg-timeout-0")),
+    pytest.param("run", RUN + " --out {out} --pg-timeout 0", ("--pg-timeout",), id="run-pg-timeout-0"),
+    pytest.param("run", RUN + " --out {out} --pg-timeout -5", ("--pg-timeout",), id="run-pg-timeout-neg"),
     pytest.param("run", RUN + " --out {out} --warmup -1", ("--warmup",), id="run-warmup-neg"),
     pytest.param("run", RUN + " --out {out} --seed -1", ("seed",), id="run-seed-neg"),
     pytest.param("bench", BENCH + " --out {out} --reps 0", ("--reps",), id="bench-reps-0"),
@@ -232,38 +202,24 @@ CASES = [
     pytest.param("bench", BENCH + " --out {out} --warmup -1", ("--warmup",), id="bench-warmup-neg"),
     pytest.param("bench", BENCH + " --out {out} --timed-steps 0", ("--timed-steps",), id="bench-timed-steps-0"),
     pytest.param("bench", BENCH + " --out {out} --gpus 0", ("--gpus",), id="bench-gpus-0"),
-    pytest.param("demo", DEMO + " --out {out} --budget -1", ("--budget",), id="demo-budget-neg",
-                 marks=xfail("--budget is not range-checked (demo.main): a negative budget runs every stage, "
-                             "then no trial fits it")),
-    pytest.param("demo", DEMO + " --out {out} --budget nan", ("--budget",), id="demo-budget-nan",
-                 marks=xfail("as demo-budget-neg: float('nan') is accepted")),
-    pytest.param("zoo.evaluate", EVAL + " --batch-size 0", ("--batch-size",), id="evaluate-batch-size-0",
-                 marks=xfail("--batch-size is not range-checked (zoo/evaluate.main)")),
-    pytest.param("zoo.evaluate", EVAL + " --batch-size -1", ("--batch-size",), id="evaluate-batch-size-neg",
-                 marks=xfail("as evaluate-batch-size-0")),
-    pytest.param("zoo.evaluate", EVAL + " --seed -1", ("--seed",), id="evaluate-seed-neg",
-                 marks=xfail("--seed is not range-checked (zoo/evaluate.main)")),
+    pytest.param("demo", DEMO + " --out {out} --budget -1", ("--budget",), id="demo-budget-neg"),
+    pytest.param("demo", DEMO + " --out {out} --budget nan", ("--budget",), id="demo-budget-nan"),
+    pytest.param("zoo.evaluate", EVAL + " --batch-size 0", ("--batch-size",), id="evaluate-batch-size-0"),
+    pytest.param("zoo.evaluate", EVAL + " --batch-size -1", ("--batch-size",), id="evaluate-batch-size-neg"),
+    pytest.param("zoo.evaluate", EVAL + " --seed -1", ("--seed",), id="evaluate-seed-neg"),
     pytest.param("zoo.evaluate", "--model tiny --n 1", ("--n",), id="evaluate-n-1"),
-    pytest.param("zoo.world", "--out {tmp}/w.jsonl --n 2 --seed -1", ("--seed",), id="world-seed-neg",
-                 marks=xfail("ValueError traceback from numpy's seeding in world.sample_scenes: range-check --seed "
-                             "in zoo/world.main")),
+    pytest.param("zoo.world", "--out {tmp}/w.jsonl --n 2 --seed -1", ("--seed",), id="world-seed-neg"),
     pytest.param("zoo.world", "--out {tmp}/w.jsonl --n 0", ("--n",), id="world-n-0"),
-    pytest.param("zoo.train", TRAIN + " --out {out} --budget-s -1", ("--budget-s",), id="train-budget-neg",
-                 marks=xfail("--budget-s is not range-checked (zoo/train.main): training starts")),
-    pytest.param("zoo.train", TRAIN + " --out {out} --batch 0", ("--batch",), id="train-batch-0",
-                 marks=xfail("--batch is not range-checked (zoo/train.main): training starts")),
-    pytest.param("zoo.train", TRAIN + " --out {out} --max-steps 0", ("--max-steps",), id="train-max-steps-0",
-                 marks=xfail("--max-steps 0 is not range-checked: training starts (zoo/train.main / Clock)")),
+    pytest.param("zoo.train", TRAIN + " --out {out} --budget-s -1", ("--budget-s",), id="train-budget-neg"),
+    pytest.param("zoo.train", TRAIN + " --out {out} --batch 0", ("--batch",), id="train-batch-0"),
+    pytest.param("zoo.train", TRAIN + " --out {out} --max-steps 0", ("--max-steps",), id="train-max-steps-0"),
     pytest.param("zoo.train", "--smoke --max-steps 1 --out {out} --eval-steps 0", ("--eval-steps",),
-                 id="train-eval-steps-0",
-                 marks=xfail("--eval-steps is not range-checked; found after training (zoo/train.main)")),
+                 id="train-eval-steps-0"),
 
     # --- 0 is not "not given" (more above: --steps 0, --limit 0, --timed-steps 0, --max-steps 0)
     pytest.param("zoo.evaluate", EVAL + " --steps 0", ("steps",), id="evaluate-steps-0-is-given"),
     pytest.param("search", SRCH + " --prompts {prompts} --sampler-seed -1", ("seed",),
-                 id="search-sampler-seed-neg",
-                 marks=xfail("ValueError traceback from the sampler's numpy seeding, after the study is stored: "
-                             "range-check --sampler-seed (0..2**32-1) in search.main / study.StudyConfig")),
+                 id="search-sampler-seed-neg"),
 
     # --- non-UTF-8 files
     pytest.param("generate", "--model tiny --prompts {latin1_jsonl} --out {out}", ("latin1.jsonl", "utf-8"),
@@ -271,11 +227,11 @@ CASES = [
     pytest.param("generate", "--model tiny --prompts {latin1_txt} --out {out}", ("latin1.txt", "utf-8"),
                  id="generate-prompts-latin1-txt"),
     pytest.param("generate", GEN + " --out {out} --recipe {latin1_json}", ("latin1.json",),
-                 id="generate-recipe-latin1", marks=xfail(RECIPE_UTF8)),
+                 id="generate-recipe-latin1"),
     pytest.param("calibrate", CAL.replace("{prompts}", "{latin1_jsonl}"), ("latin1.jsonl", "utf-8"),
                  id="calibrate-prompts-latin1"),
     pytest.param("compare", CMP + " --prompts {prompts} --out {out} --a {latin1_json}", ("latin1.json",),
-                 id="compare-recipe-latin1", marks=xfail(RECIPE_UTF8)),
+                 id="compare-recipe-latin1"),
     pytest.param("compare", CMP + " --prompts {prompts} --out {out} --b teacache@{latin1_fit}", ("latin1_fit.json",),
                  id="compare-fit-latin1"),
     pytest.param("search", SRCH + " --prompts {latin1_jsonl}", ("latin1.jsonl", "utf-8"),
@@ -283,8 +239,7 @@ CASES = [
     pytest.param("search", SRCH + " --prompts {prompts} --calibration {latin1_fit}", ("latin1_fit.json",),
                  id="search-calibration-latin1"),
     pytest.param("search", SRCH + " --prompts {prompts} --grid {latin1_grid}", ("latin1_grid.json",),
-                 id="search-grid-latin1",
-                 marks=xfail("study.read_grid_file reads without a UTF-8 check: UnicodeDecodeError (study/)")),
+                 id="search-grid-latin1"),
     pytest.param("run", "--config {latin1_json} --prompts {prompts} --out {out}", ("latin1.json", "utf-8"),
                  id="run-config-latin1"),
     pytest.param("run", "--config {frozen} --prompts {latin1_txt} --out {out}", ("latin1.txt", "utf-8"),
@@ -326,107 +281,75 @@ CASES = [
 
     # --- folders given as files
     pytest.param("generate", "--model tiny --prompts {folder} --out {out}", ("adir", FOLDER), id="generate-prompts-dir"),
-    pytest.param("generate", GEN + " --out {out} --recipe {folder}", ("adir", FOLDER), id="generate-recipe-dir",
-                 marks=xfail(RECIPE_DIR)),
+    pytest.param("generate", GEN + " --out {out} --recipe {folder}", ("adir", FOLDER), id="generate-recipe-dir"),
     pytest.param("compare", CMP + " --prompts {folder} --out {out}", ("adir", FOLDER), id="compare-prompts-dir"),
     pytest.param("compare", CMP + " --prompts {prompts} --out {out} --b teacache@{folder}", ("adir", FOLDER),
                  id="compare-fit-dir"),
     pytest.param("search", SRCH + " --prompts {prompts} --calibration {folder}", ("adir", FOLDER),
                  id="search-calibration-dir"),
-    pytest.param("search", SRCH + " --prompts {prompts} --grid {folder}", ("adir", FOLDER), id="search-grid-dir",
-                 marks=xfail("study.read_grid_file: IsADirectoryError traceback (study/)")),
+    pytest.param("search", SRCH + " --prompts {prompts} --grid {folder}", ("adir", FOLDER), id="search-grid-dir"),
     pytest.param("run", "--config {folder} --prompts {prompts} --out {out}", ("adir", FOLDER), id="run-config-dir"),
-    pytest.param("bench", BENCH + " --out {out} --recipe {folder}", ("adir", FOLDER), id="bench-recipe-dir",
-                 marks=xfail(RECIPE_DIR)),
+    pytest.param("bench", BENCH + " --out {out} --recipe {folder}", ("adir", FOLDER), id="bench-recipe-dir"),
     pytest.param("frozen", "{folder} --check", ("adir", FOLDER), id="frozen-source-dir"),
 
     # --- files given as output folders
-    pytest.param("generate", GEN + " --out {file}", ("file.txt",), id="generate-out-file",
-                 marks=xfail(OUT_LATE + ": generate.main mkdirs after generation")),
-    pytest.param("generate", GEN + " --out {file}/x", ("file.txt",), id="generate-out-under-file",
-                 marks=xfail(OUT_LATE + ": generate.main")),
-    pytest.param("calibrate", CAL.replace("{tmp}/cal", "{file}"), ("file.txt",), id="calibrate-out-file",
-                 marks=xfail(OUT_LATE + ": calibration.record mkdirs after loading (calibrate.main)")),
-    pytest.param("compare", CMP + " --prompts {prompts} --out {file}", ("file.txt",), id="compare-out-file",
-                 marks=xfail(OUT_LATE + ": compare.main writes via Comparison.write after generating")),
+    pytest.param("generate", GEN + " --out {file}", ("file.txt",), id="generate-out-file"),
+    pytest.param("generate", GEN + " --out {file}/x", ("file.txt",), id="generate-out-under-file"),
+    pytest.param("calibrate", CAL.replace("{tmp}/cal", "{file}"), ("file.txt",), id="calibrate-out-file"),
+    pytest.param("compare", CMP + " --prompts {prompts} --out {file}", ("file.txt",), id="compare-out-file"),
     pytest.param("compare", CMP + " --prompts {prompts} --out {out} --cache {file}", ("file.txt",),
-                 id="compare-cache-file",
-                 marks=xfail("FileExistsError traceback from the image cache's mkdir (pipeline/imagecache.py via "
-                             "quality.comparison.compare): check --cache in compare.main")),
+                 id="compare-cache-file"),
     pytest.param("search", SRCH.replace("{tmp}/exp", "{file}") + " --prompts {prompts}", ("file.txt",),
-                 id="search-experiments-file",
-                 marks=xfail("FileExistsError traceback making the default SQLite storage's folder under "
-                             "--experiments (study/storage.py default_storage/open_storage)")),
-    pytest.param("run", RUN + " --out {file}", ("file.txt",), id="run-out-file",
-                 marks=xfail(OUT_LATE + ": run._run mkdirs after load_pipeline")),
-    pytest.param("bench", BENCH + " --out {file}", ("file.txt",), id="bench-out-file",
-                 marks=xfail(OUT_LATE + ": write_report after the first rung (bench.main / benchmark)")),
-    pytest.param("report", "--experiments {tmp} --out {file}", ("file.txt",), id="report-out-file",
-                 marks=xfail("FileExistsError traceback from reporting.write, after the build: check --out in "
-                             "report.main first")),
+                 id="search-experiments-file"),
+    pytest.param("run", RUN + " --out {file}", ("file.txt",), id="run-out-file"),
+    pytest.param("bench", BENCH + " --out {file}", ("file.txt",), id="bench-out-file"),
+    pytest.param("report", "--experiments {tmp} --out {file}", ("file.txt",), id="report-out-file"),
     pytest.param("demo", DEMO + " --out {file}", ("file.txt",), id="demo-out-file"),
     pytest.param("frozen", "{recipe} --model tiny --out {file}/x.json", ("file.txt",), id="frozen-out-under-file"),
     pytest.param("frozen", "{recipe} --model tiny --out {folder}", ("adir", FOLDER), id="frozen-out-dir"),
     pytest.param("frozen", "{recipe} --model tiny --out {file}", ("--force",), id="frozen-out-exists"),
-    pytest.param("zoo.evaluate", EVAL + " --out {file}/x.json", ("file.txt",), id="evaluate-out-under-file",
-                 marks=xfail(OUT_LATE + ": zoo/evaluate.main writes --out after evaluating")),
-    pytest.param("zoo.evaluate", EVAL + " --out {folder}", ("adir", FOLDER), id="evaluate-out-dir",
-                 marks=xfail(OUT_LATE + ": zoo/evaluate.main writes --out after evaluating")),
-    pytest.param("zoo.world", "--out {file}/w.jsonl --n 2", ("file.txt",), id="world-out-under-file",
-                 marks=xfail("zoo/world.write_prompts: FileExistsError/NotADirectoryError traceback")),
-    pytest.param("zoo.world", "--out {folder} --n 2", ("adir", FOLDER), id="world-out-dir",
-                 marks=xfail("zoo/world.write_prompts: IsADirectoryError traceback")),
-    pytest.param("zoo.train", TRAIN + " --out {file}", ("file.txt",), id="train-out-file",
-                 marks=xfail("zoo/train.main: out.mkdir raises FileExistsError")),
+    pytest.param("zoo.evaluate", EVAL + " --out {file}/x.json", ("file.txt",), id="evaluate-out-under-file"),
+    pytest.param("zoo.evaluate", EVAL + " --out {folder}", ("adir", FOLDER), id="evaluate-out-dir"),
+    pytest.param("zoo.world", "--out {file}/w.jsonl --n 2", ("file.txt",), id="world-out-under-file"),
+    pytest.param("zoo.world", "--out {folder} --n 2", ("adir", FOLDER), id="world-out-dir"),
+    pytest.param("zoo.train", TRAIN + " --out {file}", ("file.txt",), id="train-out-file"),
 
     # --- device names
-    *[pytest.param(cmd, tail + " --device gpu0", ("--device", "gpu0"), id=f"{cmd}-device-unknown",
-                   marks=xfail(DEVICE_NAME))
+    *[pytest.param(cmd, tail + " --device gpu0", ("--device", "gpu0"), id=f"{cmd}-device-unknown")
       for cmd, tail in (("generate", GEN + " --out {out}"), ("calibrate", CAL),
                         ("compare", CMP + " --prompts {prompts} --out {out}"), ("search", SRCH + " --prompts {prompts}"),
                         ("run", RUN + " --out {out}"), ("bench", BENCH + " --out {out}"),
                         ("demo", DEMO + " --out {out}"), ("zoo.evaluate", EVAL), ("zoo.train", TRAIN + " --out {out}"))],
-    pytest.param("generate", GEN + " --out {out} --device cuda:x", ("--device", "cuda:x"), id="generate-device-index",
-                 marks=xfail(DEVICE_NAME)),
+    pytest.param("generate", GEN + " --out {out} --device cuda:x", ("--device", "cuda:x"), id="generate-device-index"),
 
     # --- unknown models
-    pytest.param("generate", "--model tyni --prompt x --out {out}", ("tyni", "unknown"), id="generate-model-unknown",
-                 marks=xfail(UNKNOWN_MODEL)),
-    pytest.param("calibrate", CAL.replace("tiny", "tyni"), ("tyni", "unknown"), id="calibrate-model-unknown",
-                 marks=xfail(UNKNOWN_MODEL)),
+    pytest.param("generate", "--model tyni --prompt x --out {out}", ("tyni", "unknown"), id="generate-model-unknown"),
+    pytest.param("calibrate", CAL.replace("tiny", "tyni"), ("tyni", "unknown"), id="calibrate-model-unknown"),
     pytest.param("compare", CMP.replace("tiny", "tyni") + " --prompts {prompts} --out {out}", ("tyni", "unknown"),
-                 id="compare-model-unknown", marks=xfail(UNKNOWN_MODEL)),
+                 id="compare-model-unknown"),
     pytest.param("search", SRCH.replace("tiny", "tyni") + " --prompts {prompts}", ("tyni", "unknown"),
-                 id="search-model-unknown",
-                 marks=xfail(UNKNOWN_MODEL + "; search stores the study with it first (study.create_or_load)")),
-    pytest.param("run", RUN + " --out {out} --model tyni", ("tyni", "unknown"), id="run-model-unknown",
-                 marks=xfail(UNKNOWN_MODEL)),
+                 id="search-model-unknown"),
+    pytest.param("run", RUN + " --out {out} --model tyni", ("tyni", "unknown"), id="run-model-unknown"),
     pytest.param("bench", BENCH.replace("tiny", "tyni") + " --out {out}", ("tyni", "unknown"),
-                 id="bench-model-unknown", marks=xfail(UNKNOWN_MODEL)),
-    pytest.param("zoo.evaluate", EVAL.replace("tiny", "tyni"), ("tyni", "unknown"), id="evaluate-model-unknown",
-                 marks=xfail(UNKNOWN_MODEL)),
+                 id="bench-model-unknown"),
+    pytest.param("zoo.evaluate", EVAL.replace("tiny", "tyni"), ("tyni", "unknown"), id="evaluate-model-unknown"),
     pytest.param("generate", "--model {tmp}/no/such/folder --prompt x --out {out}",
-                 ("no/such/folder", ("does not exist", "no such")), id="generate-model-missing-folder",
-                 marks=xfail(UNKNOWN_MODEL + " (a path that does not exist should be named as such)")),
+                 ("no/such/folder", ("does not exist", "no such")), id="generate-model-missing-folder"),
 
     # --- weight files that are not weights
     *[pytest.param("compare", f"--model tiny --b nvfp4 --metrics {m} --{m}-weights {{file}} --prompts {{prompts}} "
-                   "--out {out} --cache {tmp}/cache", ("file.txt",), id=f"compare-{m}-weights-text",
-                   marks=xfail(WEIGHTS_BOGUS)) for m in ("lpips", "fid", "clip")],
+                   "--out {out} --cache {tmp}/cache", ("file.txt",), id=f"compare-{m}-weights-text")
+      for m in ("lpips", "fid", "clip")],
     pytest.param("search", SRCH + " --prompts {prompts} --lpips-weights {file}", ("file.txt",),
-                 id="search-lpips-weights-text", marks=xfail(WEIGHTS_BOGUS)),
+                 id="search-lpips-weights-text"),
     pytest.param("zoo.evaluate", EVAL + " --baseline bf16 --lpips-weights {file}", ("file.txt",),
-                 id="evaluate-lpips-weights-text",
-                 marks=xfail("zoo/evaluate.main never checks --lpips-weights before evaluating")),
+                 id="evaluate-lpips-weights-text"),
     pytest.param("zoo.evaluate", EVAL + " --yardstick-weights {file}", ("file.txt",),
-                 id="evaluate-yardstick-weights-text",
-                 marks=xfail("zoo/yardstick.load lets safetensors' error out as a traceback")),
+                 id="evaluate-yardstick-weights-text"),
 
     # --- names that escape the output folder
-    pytest.param("calibrate", CAL.replace("--name c", "--name ../escaped"), ("--name",), id="calibrate-name-dotdot",
-                 marks=xfail("calibrate.main joins --out / --name unchecked: refuse separators and '..' there")),
-    pytest.param("calibrate", CAL.replace("--name c", "--name {tmp}/abs"), ("--name",), id="calibrate-name-absolute",
-                 marks=xfail("as calibrate-name-dotdot: an absolute --name replaces --out")),
+    pytest.param("calibrate", CAL.replace("--name c", "--name ../escaped"), ("--name",), id="calibrate-name-dotdot"),
+    pytest.param("calibrate", CAL.replace("--name c", "--name {tmp}/abs"), ("--name",), id="calibrate-name-absolute"),
     pytest.param("search", SRCH.replace("--study s", "--study ../x") + " --prompts {prompts}", ("--study",),
                  id="search-study-dotdot"),
     pytest.param("compare", CMP + " --prompts {escaping_id_manifest} --out {out}", ("id", "line 1"),
@@ -441,12 +364,9 @@ CASES = [
                  id="generate-reference-is-folder"),
 
     # --- storages that cannot be opened
-    pytest.param("report", "--storage bogus://nowhere --out {out}", ("bogus://nowhere",), id="report-storage-scheme",
-                 marks=xfail("reporting.build skips a storage it cannot open and writes an empty report (exit 0): "
-                             "raise Flux2LabError naming --storage (reporting/)")),
+    pytest.param("report", "--storage bogus://nowhere --out {out}", ("bogus://nowhere",), id="report-storage-scheme"),
     pytest.param("report", "--storage sqlite:///{tmp}/no/such/dir/x.db --out {out}", ("x.db",),
-                 id="report-storage-unopenable",
-                 marks=xfail("as report-storage-scheme (reporting/)")),
+                 id="report-storage-unopenable"),
     pytest.param("search", "--study s --storage bogus://nowhere --prompts {prompts} --skip-missing",
                  ("bogus://nowhere",), id="search-storage-scheme"),
 ]
@@ -459,9 +379,7 @@ def test_bad_input_is_refused_before_model_work(command, argv, expect, ws, capsy
 
 @pytest.mark.parametrize(("first", "again", "field"), [
     ("--threshold 0.1", "--threshold 0.2", "threshold"),
-    pytest.param("--steps 2", "--steps 3", "steps", marks=xfail(
-        "study.create_or_load names 'base_recipe' and prints it cut short, not the recipe field that changed "
-        "(study/config.py): diff the recipes field by field")),
+    pytest.param("--steps 2", "--steps 3", "steps"),
     ("--seed 0", "--seed 1", "seed"),
 ])
 def test_a_study_rerun_with_a_changed_field_names_the_field(first, again, field, ws, capsys, no_model):
@@ -471,15 +389,11 @@ def test_a_study_rerun_with_a_changed_field_names_the_field(first, again, field,
     assert_refused("search", shlex.split((argv + again).format(**ws)), (field,), capsys)
 
 
-@pytest.mark.xfail(reason="np.polyfit fits 2 distinct x with degree 3 (a RankWarning only): refuse fewer distinct x "
-                          "than degree + 1 in calibration.fit_samples", strict=True)
 def test_a_degenerate_fit_is_refused(ws, capsys, no_model):
     assert_refused("calibrate", shlex.split("--name degenerate --out {tmp}/cal --fit-only".format(**ws)),
                    ("--degree", "distinct"), capsys)
 
 
-@pytest.mark.xfail(reason="r_squared returns None for y without variance and calibrate.main formats it with :.4f "
-                          "(TypeError after fit.json is written): print 'undefined' there", strict=True)
 def test_a_fit_of_y_without_variance_reports_r2_undefined(ws, capsys, no_model):
     code, _ = run_command("calibrate", shlex.split("--name flat --out {tmp}/cal --fit-only".format(**ws)), capsys)
     out = capsys.readouterr().out
@@ -501,9 +415,6 @@ def test_a_torn_last_line_of_calibration_samples_is_dropped_not_merged(tmp_path,
 # --- with the tiny model itself: what only shows while recording, running or denoising
 
 
-@pytest.mark.xfail(reason="calibration.record compares model/steps/size/guidance with run.json but not the seed, and "
-                          "keeps the first seed's samples (calibration/record.py _check_run / run_metadata)",
-                   strict=True)
 def test_a_resumed_calibration_with_another_seed_refuses_or_records_anew(ws, capsys):
     argv = "--model tiny --steps 6 --height 32 --width 32 --degree 1 --name c --out {tmp}/cal --prompts {prompts}"
     code, err = run_command("calibrate", shlex.split((argv + " --seed 0").format(**ws)), capsys)
@@ -518,8 +429,6 @@ def test_a_resumed_calibration_with_another_seed_refuses_or_records_anew(ws, cap
         assert {r["seed"] for r in read_rows(Path(ws["tmp"]) / "cal" / "c" / "samples.csv")} == {"7", "8"}
 
 
-@pytest.mark.xfail(reason="run._done skips a torn last line of records.jsonl, and the next record is appended to "
-                          "it, merging both into one broken line: cut the torn tail first (run.py _done)", strict=True)
 def test_a_torn_last_line_of_run_records_is_repaired_not_merged(ws, capsys):
     out = Path(ws["out"])
     out.mkdir()
@@ -531,9 +440,6 @@ def test_a_torn_last_line_of_run_records_is_repaired_not_merged(ws, capsys):
     assert sorted(r["id"] for r in rows) == ["prompts-1", "prompts-2"]
 
 
-@pytest.mark.xfail(reason="the TeaCache step hook refuses only when the step index reaches its configured count "
-                          "(after 4 computed steps for 5; never for 3): check the schedule's length at step 0 "
-                          "(hooks/teacache.py _StepHook._begin_step)", strict=True)
 @pytest.mark.parametrize("steps", [3, 5])
 def test_teacache_with_another_step_count_is_refused_at_step_0(steps, one_thread):
     import torch

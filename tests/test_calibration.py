@@ -192,3 +192,115 @@ def test_bad_shard_is_refused():
         calibration.parse_shard("2/2")
     with pytest.raises(Flux2LabError, match="write it as i/n"):
         calibration.parse_shard("half")
+
+
+# ------------------------------------------------------------------------------------- MagCache's ratios
+
+
+def test_recorded_magnitude_ratios_are_diffusers_magcache_calibration(tiny_pipe):
+    from flux2lab.hooks import step_caches
+    from flux2lab.pipeline.core import generate
+    from flux2lab.pipeline.recipe import Recipe
+
+    entry = load_prompts(DEFAULT_SET)[0]
+    try:
+        rows = calibration.record_prompt(tiny_pipe, entry, 3, calibration.recording_recipe(5))
+    finally:
+        detach_recorder(tiny_pipe.transformer)
+    # The same image under diffusers' MagCache in calibration mode (TeaCache at threshold 0 computed every step).
+    generate(tiny_pipe, [entry.prompt], [3], Recipe(steps=5).replace(cache={"method": "magcache", "calibrate": True}))
+    diffusers_ratios = step_caches.mag_ratios(tiny_pipe.transformer)
+    generate(tiny_pipe, [entry.prompt], [3], Recipe(steps=5))  # detaches MagCache again
+    assert len(diffusers_ratios) == 5 and diffusers_ratios[0] == 1.0
+    assert [1.0] + [r["mag_ratio"] for r in rows] == pytest.approx(diffusers_ratios, rel=1e-5)
+
+
+def test_command_records_magcache_ratios_that_resume_and_run_in_magcache(tmp_path, capsys, tiny_pipe):
+    from flux2lab.pipeline.core import generate
+    from flux2lab.pipeline.presets import resolve_recipe
+
+    _calibrate(tmp_path)
+    run = tmp_path / "run"
+    data = json.loads((run / calibration.MAG_RATIOS).read_text())
+    assert data["steps"] == 4 and data["prompts"] == 5 and data["run"]["steps"] == 4
+    table = np.array(list(data["per_prompt"].values()))
+    assert table.shape == (5, 4) and np.all(table[:, 0] == 1.0) and np.all(table > 0)
+    assert data["mag_ratios"] == pytest.approx(table.mean(axis=0).tolist())
+    ratios = calibration.mag_ratios_from_fit(run)
+    assert ratios == data["mag_ratios"] == calibration.mag_ratios_from_fit(run / "fit.json")
+    out = capsys.readouterr().out
+    assert "MagCache: magnitude ratios of 5 prompts x 4 steps" in out and str(run / calibration.MAG_RATIOS) in out
+
+    # An interruption while writing the last prompt's ratios: only those are recorded again, the samples stay.
+    samples = calibration.read_rows(run / "samples.csv")
+    lines = (run / "mag_ratios.jsonl").read_text().splitlines(keepends=True)
+    (run / "mag_ratios.jsonl").write_text("".join(lines[:-1]) + lines[-1][:15])
+    _calibrate(tmp_path)
+    assert "recorded 1 prompt(s), 4 already done" in capsys.readouterr().out
+    assert calibration.read_rows(run / "samples.csv") == samples
+    again = json.loads((run / calibration.MAG_RATIOS).read_text())
+    assert again["per_prompt"].keys() == data["per_prompt"].keys() and again["mag_ratios"] == pytest.approx(ratios)
+
+    # A run recorded before the ratios were: --fit-only says so, a rerun records only the ratios.
+    for path in (run / "mag_ratios.jsonl", run / calibration.MAG_RATIOS):
+        path.unlink()
+    assert calibrate.main(["--name", "run", "--out", str(tmp_path), "--fit-only"]) == 0
+    assert "no ratios in this run" in capsys.readouterr().out
+    with pytest.raises(Flux2LabError, match="holds no MagCache ratios.*same --name"):
+        calibration.mag_ratios_from_fit(run / "fit.json")
+    _calibrate(tmp_path)
+    assert "recorded 5 prompt(s), 0 already done" in capsys.readouterr().out
+    assert calibration.read_rows(run / "samples.csv") == samples
+    assert calibration.mag_ratios_from_fit(run) == pytest.approx(ratios)
+
+    # Fed to diffusers' MagCache (the preset), they run; 8 steps: MagCache maps the 4 ratios to them.
+    recipe = resolve_recipe(f"magcache@{run}")
+    assert recipe.cache.method == "magcache"
+    for steps in (4, 8):
+        generation = generate(tiny_pipe, ["a red fox"], 0, recipe.replace(steps=steps))
+        assert generation.images[0].size == (64, 64)
+    generate(tiny_pipe, ["a red fox"], 0, recipe.replace(steps=4, cache={"method": "none"}))
+
+
+def test_shards_record_their_ratios_and_the_last_one_gathers_them(tmp_path):
+    _calibrate(tmp_path, "--shard", "1/2")
+    run = tmp_path / "run"
+    assert not (run / calibration.MAG_RATIOS).exists()
+    _calibrate(tmp_path, "--shard", "0/2")
+    shard_ids = [{json.loads(line)["prompt_id"] for line in calibration.ratios_file(run, (i, 2)).read_text().splitlines()}
+                 for i in range(2)]
+    assert shard_ids == [{e.id for e in load_prompts(DEFAULT_SET)[i:5:2]} for i in range(2)]
+    data = json.loads((run / calibration.MAG_RATIOS).read_text())
+    assert set(data["per_prompt"]) == shard_ids[0] | shard_ids[1] and len(data["mag_ratios"]) == 4
+
+
+def test_mag_ratios_reader_refuses_what_is_not_a_ratios_file(tmp_path):
+    with pytest.raises(Flux2LabError, match="does not exist"):
+        calibration.mag_ratios_from_fit(tmp_path / "nope")
+    bad = tmp_path / calibration.MAG_RATIOS
+    bad.write_text("{}")
+    with pytest.raises(Flux2LabError, match="no 'mag_ratios' list"):
+        calibration.mag_ratios_from_fit(tmp_path)
+    bad.write_text(json.dumps({"mag_ratios": [1.0, -0.5]}))
+    with pytest.raises(Flux2LabError, match="positive numbers"):
+        calibration.mag_ratios_from_fit(bad)
+
+
+def test_mini_calibrates_on_its_own_captions_by_default(tmp_path, capsys):
+    from flux2lab.pipeline.prompt_sets import prompt_set
+    from flux2lab.zoo.world import parse_caption
+
+    assert calibrate.main(["--model", "mini", "--device", "cpu", "--name", "m", "--out", str(tmp_path),
+                           "--steps", "5", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "prompts: mini's own: 4 held-out world captions" in out and "warning" not in out
+    run = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert run["manifest"].startswith("mini's own") and run["prompts"] == 4
+    rows = calibration.read_rows(tmp_path / "m" / "samples.csv")
+    assert {r["prompt_id"] for r in rows} == {f"heldout-0-{i}" for i in range(4)}
+    for e in prompt_set("mini", "calibration", limit=4).entries:
+        parse_caption(e.prompt.text)  # a caption of mini's world
+    # Photographic prompts on mini: named in a warning (their fit does not predict).
+    photos = prompt_set("mini", "calibration", DEFAULT_SET, limit=3)
+    assert "3 of 3 prompts" in photos.warning and "not captions of mini's world" in photos.warning
+    assert prompt_set("tiny", "calibration", limit=3).source == str(DEFAULT_SET)

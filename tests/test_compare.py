@@ -57,6 +57,51 @@ def test_missing_weights_stop_before_generating(tmp_path, monkeypatch):
     assert not cache.exists() or not any(cache.iterdir()), "images were generated before the weight check"
 
 
+def test_skipped_metrics_are_written_and_printed_with_their_reason(tmp_path, capsys, monkeypatch):
+    from flux2lab.pipeline.prompt_sets import DATA
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("FLUX2LAB_LPIPS_WEIGHTS", raising=False)
+    out = tmp_path / "out"
+    assert run(["--model", "tiny", "--b", "bf16", "--limit", "1", "--steps", "2", "--metrics", "psnr,lpips",
+                "--skip-missing", "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    written = json.loads((out / "metrics.json").read_text())
+    assert set(written["metrics"]) == {"psnr"} and set(written["skipped_metrics"]) == {"lpips"}
+    why = written["skipped_metrics"]["lpips"]
+    assert "alexnet-owt-7be5be79.pth not found" in why and "HF_HUB_OFFLINE=1 is set" in why
+    printed = capsys.readouterr().out
+    assert f"lpips: skipped: {why}" in printed
+    assert f"prompts: {DATA / 'quality_prompts.jsonl'}" in printed  # the model's own set, named
+
+
+def test_on_mini_the_defaults_are_its_own_captions_and_its_yardstick(tmp_path, capsys, monkeypatch):
+    from flux2lab.quality import comparison
+    from flux2lab.zoo.world import parse_caption
+
+    class Generating(Exception):
+        pass
+
+    seen = {}
+
+    def stop_before_generating(model, a, b, entries, seeds, weights, cache_dir, **kwargs):
+        seen.update(entries=entries, weights=weights, skipped=kwargs["skipped_metrics"])
+        raise Generating
+
+    monkeypatch.setattr(comparison, "compare", stop_before_generating)
+    with pytest.raises(Generating):
+        run(["--model", "mini", "--b", "nvfp4", "--limit", "3", "--skip-missing", "--cache", str(tmp_path / "c"),
+             "--out", str(tmp_path / "o")])
+    assert comparison.default_metrics("mini") == (*comparison.DEFAULT_METRICS, "yardstick")
+    assert comparison.default_metrics("tiny") == comparison.DEFAULT_METRICS
+    assert {*seen["weights"], *seen["skipped"]} == set(comparison.default_metrics("mini"))
+    assert "yardstick" in seen["weights"]  # its weights ship with flux2lab
+    assert len(seen["entries"]) == 3
+    for entry in seen["entries"]:
+        parse_caption(entry.prompt.text)  # a held-out caption of mini's world
+    printed = capsys.readouterr().out
+    assert "prompts: mini's own: 3 held-out world captions" in printed and "warning" not in printed
+
+
 def test_presets():
     assert resolve_recipe("bf16") == Recipe()
     r = resolve_recipe("nvfp4+te-fp8+teacache+thresh=0.3+ret=4+cutoff=40")

@@ -64,10 +64,23 @@ def test_every_stage_wrote_its_artefacts_and_they_chain(quick):
     assert thresholds == sorted(float(f"{m * floor:.3g}") for m in demo.PLANS["quick"].threshold_multiples), \
         "the search grid is read off the fit"
 
+    assert re.search(r"--methods (\S+)", search_cmd).group(1).split(",") == list(demo.PLANS["quick"].cache_space)
     frozen = load_frozen(out / "frozen" / "demo.json")  # verified hash
     assert frozen.provenance["calibration"]["sha256"] == hashlib.sha256((cal / "fit.json").read_bytes()).hexdigest()
-    assert frozen.recipe.teacache.coefficients == tuple(fit["coefficients"])
-    assert frozen.provenance["study"]["name"] == "demo" and frozen.recipe.teacache.threshold in thresholds
+    assert list(frozen.provenance["calibration"]["coefficients"]) == fit["coefficients"]
+    assert frozen.provenance["study"]["name"] == "demo"
+    # The search crossed methods; its TeaCache points carry the fit's coefficients and thresholds, and the frozen
+    # recipe (of whichever method won) is its trial's.
+    from flux2lab import study as st
+    from flux2lab.pipeline.recipe import Recipe
+
+    study, _ = st.load_study("demo", st.open_storage(st.default_storage(out)))
+    recipes = {t.number: Recipe.from_dict(t.user_attrs["recipe"]) for t in study.trials if "recipe" in t.user_attrs}
+    assert {r.cache.method for r in recipes.values()} == set(demo.PLANS["quick"].cache_space)
+    teacache = [r.cache for r in recipes.values() if r.cache.method == "teacache"]
+    assert teacache and all(c.coefficients == tuple(fit["coefficients"]) and c.threshold in thresholds
+                            for c in teacache)
+    assert frozen.recipe == recipes[frozen.provenance["trial"]["number"]]
 
     comparison = out / "compare" / "bf16-vs-nvfp4"
     metrics = json.loads((comparison / "metrics.json").read_text())
@@ -156,4 +169,5 @@ def test_thresholds_are_read_off_the_fit():
     assert demo.thresholds_from_fit({"skip_limits": {"floor": 0.08}}, (0.5, 1.5, 2.5)) == [0.04, 0.12, 0.2]
     from flux2lab.study import default_space
 
-    assert demo.thresholds_from_fit({"skip_limits": {"floor": 0.0}}, (0.5, 1.5)) == default_space(50)["threshold"][:2]
+    assert (demo.thresholds_from_fit({"skip_limits": {"floor": 0.0}}, (0.5, 1.5))
+            == default_space(50)["teacache"]["threshold"][:2])

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import urllib.error
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -25,6 +29,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 from flux2lab import metrics
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.metrics import clip, perceptual
+from flux2lab.metrics.weights import OFFLINE_VARIABLES
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -184,6 +189,83 @@ def test_command_line_flags_come_from_the_registry():
     args = parser.parse_args(["--fid-weights", "a.pth", "--clip-weights", "c", "--skip-missing"])
     assert metrics.weight_paths(args) == {"fid": "a.pth", "clip": "c"}
     assert args.skip_missing
+
+
+# --------------------------------------------------------------------- online: the libraries fetch their own
+
+
+@pytest.fixture
+def online(monkeypatch):
+    for var in OFFLINE_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+
+
+def fake_torch_hub_downloads(monkeypatch, files):
+    """torch.hub's downloader (under torchvision's and torch-fidelity's loaders), replaced: it records each call and
+    copies the local checkpoint named like the URL's file to where torch.hub asked."""
+    calls = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        calls.append((os.path.basename(url), progress))
+        shutil.copy(files[os.path.basename(url)], dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    return calls
+
+
+def test_online_torchmetrics_loaders_fill_the_torch_hub_cache(inception_file, alexnet_file, empty_caches, online,
+                                                             monkeypatch):
+    calls = fake_torch_hub_downloads(monkeypatch, {INCEPTION_FILE: inception_file, ALEXNET_FILE: alexnet_file})
+    hub = empty_caches / "torch" / "hub" / "checkpoints"
+    assert metrics.check_weights(["fid", "lpips"]) == {"fid": hub / INCEPTION_FILE, "lpips": hub / ALEXNET_FILE}
+    assert calls == [(INCEPTION_FILE, True), (ALEXNET_FILE, True)]  # each library's own download, with progress
+    metrics.check_weights(["fid", "lpips"])
+    assert len(calls) == 2, "cached now: nothing is fetched twice"
+
+
+def test_online_open_clip_fills_the_hugging_face_cache(clip_file, empty_caches, online, monkeypatch):
+    import open_clip.pretrained
+
+    calls = []
+
+    def hf_hub_download(repo_id, filename, revision=None, cache_dir=None, **kwargs):
+        calls.append((repo_id, filename))
+        repo = Path(hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text("abc123")
+        dest = repo / "snapshots" / "abc123" / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(clip_file, dest)
+        return str(dest)
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", hf_hub_download)
+    snapshot = empty_caches / "hf" / "hub" / CLIP_REPO_DIR / "snapshots" / "abc123"
+    assert metrics.check_weights(["clip"]) == {"clip": snapshot / "open_clip_model.safetensors"}
+    assert calls == [("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_model.safetensors")]
+
+
+def test_offline_nothing_is_fetched_and_the_message_says_why(empty_caches, monkeypatch, no_network):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("fetched while offline"))
+    with pytest.raises(Flux2LabError, match=rf"{INCEPTION_FILE} not found.*HF_HUB_OFFLINE=1 is set, so nothing is "
+                                            "downloaded"):
+        metrics.check_weights(["fid"])
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("FLUX2LAB_OFFLINE", "yes")
+    with pytest.raises(Flux2LabError, match=rf"{ALEXNET_FILE} not found.*FLUX2LAB_OFFLINE=yes is set"):
+        metrics.check_weights(["lpips"])
+
+
+def test_a_failed_fetch_stops_or_is_skipped_with_its_reason(empty_caches, online, monkeypatch, caplog):
+    def unreachable(url, *args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(Flux2LabError, match=rf"{ALEXNET_FILE} not found.*Fetching it with .* failed: URLError"):
+        metrics.check_weights(["lpips"])
+    with caplog.at_level(logging.WARNING, logger="flux2lab.metrics"):
+        resolved = metrics.check_weights(["psnr", "lpips"], skip_missing=True)
+    assert resolved == {"psnr": None} and "no route to host" in resolved.skipped["lpips"]
+    assert "skipping lpips" in caplog.text
 
 
 # ----------------------------------------------------------------------------------- paired metrics

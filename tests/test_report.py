@@ -46,8 +46,10 @@ def experiments(tmp_path_factory):
                                     "--limit", "4", "--steps", "6", *size, "--ret-steps", "1"]) == 0
     fit = exp / "calibration" / "cal" / "fit.json"
     assert command(search.main, ["--study", "s", "--experiments", str(exp), "--prompts", str(prompts),
-                                 "--calibration", str(fit), "--steps", "6", *size, "--threshold", "0.05,0.5",
-                                 "--ret-steps", "1", "--skip-missing", "--speed-metric", "skipped"]) == 0
+                                 "--calibration", str(fit), "--steps", "6", *size, "--methods", "teacache,taylorseer",
+                                 "--threshold", "0.05,0.5", "--ret-steps", "1", "--space", "teacache.residual_order=0",
+                                 "--space", "taylorseer.cache_interval=3", "--skip-missing", "--speed-metric",
+                                 "computed"]) == 0
     assert command(search.main, ["--study", "s", "--experiments", str(exp), "--freeze", "--min-ssim", "0"]) == 0
     assert command(compare.main, ["--model", "tiny", "--a", "bf16", "--b", "nvfp4", "--prompts", str(prompts),
                                   "--steps", "4", *size, "--metrics", "psnr,ssim", "--cache", str(exp / "cache"),
@@ -156,6 +158,10 @@ def test_every_section_shows_what_the_folder_holds(experiments, written):
     md = paths["markdown"].read_text()
     assert re.search(rf"\| {number} \| [^\n]*★ frozen", md), "the frozen trial is not marked in the trial table"
     assert f"Trial {number} was frozen into frozen/s.json" in md
+    method = frozen["recipe"]["cache"]["method"]
+    assert f"Trial {number} was frozen into frozen/s.json: {method} " in md, "the winner: its method and settings"
+    assert re.search(r"\| teacache \| threshold=0.05 ret_steps=1 residual_order=0 \| complete \|", md)
+    assert re.search(r"\| taylorseer \| cache_interval=3 use_lite_mode=true \| complete \|", md), "one table, both methods"
 
     metrics = json.loads((experiments / "compare" / "nvfp4" / "metrics.json").read_text())
     psnr = metrics["metrics"]["psnr"]["summary"]

@@ -1,9 +1,11 @@
-"""`python -m flux2lab.search` on the tiny model: grid, resume after SIGKILL, workers, failures, freeze, bad input."""
+"""`python -m flux2lab.search` on the tiny model: grid, resume after SIGKILL, workers, failures, freeze, bad input;
+studies across cache methods (grid and TPE), and on mini, quality falling as each method computes less."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +23,9 @@ from flux2lab import study as st
 from flux2lab.common.errors import Flux2LabError
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID = ["--threshold", "0.05,0.2,0.5", "--ret-steps", "0,1"]  # 3 x 2
+# TeaCache alone, 3 x 2 (the flat flags are TeaCache's; its residual extrapolation left out)
+GRID = ["--methods", "teacache", "--threshold", "0.05,0.2,0.5", "--ret-steps", "0,1", "--space",
+        "teacache.residual_order=0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,10 +51,11 @@ def load(tmp: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{(tmp / 'exp' / 'studies.db').resolve()}")
 
 
-def trial_states(db: Path, n_params: int = 2) -> list[str]:
+def trial_states(db: Path, n_params: int = 1) -> list[str]:
     """Read-only look at a storage another process is writing (opening it with Optuna could race its set-up).
     A RUNNING trial that has all `n_params` of its parameters (so is inside the objective) reads
-    "RUNNING with params"; one killed between two `suggest_*` calls would hold only some of them."""
+    "RUNNING with params"; one killed between two `suggest_*` calls would hold only some of them (a grid trial
+    has one, the index of its point)."""
     import sqlite3
 
     if not db.exists():
@@ -65,7 +70,12 @@ def trial_states(db: Path, n_params: int = 2) -> list[str]:
 
 
 def complete_per_point(study: optuna.Study) -> Counter:
-    return Counter(tuple(sorted(t.params.items())) for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    """Complete trials per point (method and settings, as the objective recorded it)."""
+    return Counter(tuple(sorted(t.user_attrs["point"].items())) for t in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def teacache_point(threshold, ret_steps) -> tuple:
+    return (("method", "teacache"), ("residual_order", 0), ("ret_steps", ret_steps), ("threshold", threshold))
 
 
 def test_grid_runs_each_point_once_prints_pareto_and_freezes_the_fastest_within_budget(inputs, capsys):
@@ -77,12 +87,12 @@ def test_grid_runs_each_point_once_prints_pareto_and_freezes_the_fastest_within_
     out = capsys.readouterr().out
     study = load(tmp, "g")
     assert len(study.trials) == 6
-    assert complete_per_point(study) == Counter({((("ret_steps", r), ("threshold", th))): 1
-                                                 for th in (0.05, 0.2, 0.5) for r in (0, 1)})
+    assert complete_per_point(study) == Counter({teacache_point(th, r): 1 for th in (0.05, 0.2, 0.5) for r in (0, 1)})
     t0 = study.trials[0]
-    assert {"time_per_image", "skipped_fraction", "metrics", "recipe", "worker"} <= set(t0.user_attrs)
+    assert {"time_per_image", "computed_fraction", "metrics", "recipe", "worker", "point"} <= set(t0.user_attrs)
     assert {"psnr", "ssim"} <= set(t0.user_attrs["metrics"]) and "lpips" not in t0.user_attrs["metrics"]
-    assert "Pareto front" in out and "threshold  ret_steps  skipped  s/img" in out
+    assert "Pareto front" in out and re.search(r"trial +method +settings +computed +s/img", out)
+    assert re.search(r"teacache +threshold=0\.\d+ ret_steps=\d residual_order=0", out)
     plot = tmp / "exp" / "studies" / "g" / "pareto.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp / "exp" / "studies" / "g" / "reference").glob("*.png"))) == 2
@@ -95,10 +105,10 @@ def test_grid_runs_each_point_once_prints_pareto_and_freezes_the_fastest_within_
     fastest = min(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.user_attrs["time_per_image"])
     assert frozen.provenance["trial"]["number"] == fastest.number
     assert frozen.recipe == Recipe.from_dict(fastest.user_attrs["recipe"])
-    assert frozen.recipe.teacache.enabled
-    assert frozen.recipe.teacache.threshold == fastest.params["threshold"]
-    assert frozen.recipe.teacache.ret_steps == fastest.params["ret_steps"]
-    assert frozen.recipe.teacache.coefficients == (1.0, 0.0) and frozen.recipe.steps == 6
+    assert frozen.recipe.cache.method == "teacache"
+    assert frozen.recipe.cache.threshold == fastest.user_attrs["point"]["threshold"]
+    assert frozen.recipe.cache.ret_steps == fastest.user_attrs["point"]["ret_steps"]
+    assert frozen.recipe.cache.coefficients == (1.0, 0.0) and frozen.recipe.steps == 6
     assert frozen.provenance["study"]["name"] == "g" and frozen.model.source == "tiny"
     assert frozen.provenance["metrics"]["ssim"] == fastest.user_attrs["metrics"]["ssim"]
     assert frozen.provenance["created"]
@@ -126,9 +136,10 @@ def test_trials_that_raise_or_make_nan_images_fail_with_their_reason_and_the_stu
     real_generate = core.generate
 
     def generate(pipe, prompts, seeds, recipe, **kw):
-        if recipe.teacache.threshold == 0.2:
+        threshold = getattr(recipe.cache, "threshold", None)  # None: the uncached reference and warm-up
+        if threshold == 0.2:
             raise RuntimeError("boom")
-        if recipe.teacache.threshold == 0.5:  # the decoder emits NaNs: PIL would silently show black
+        if threshold == 0.5:  # the decoder emits NaNs: PIL would silently show black
             handle = pipe.vae.decoder.register_forward_pre_hook(
                 lambda m, args: (torch.full_like(args[0], float("nan")), *args[1:]))
             try:
@@ -138,11 +149,12 @@ def test_trials_that_raise_or_make_nan_images_fail_with_their_reason_and_the_stu
         return real_generate(pipe, prompts, seeds, recipe, **kw)
 
     monkeypatch.setattr(core, "generate", generate)
-    args = cli(tmp, "f", grid=["--threshold", "0.05,0.2,0.5", "--ret-steps", "1"])
+    args = cli(tmp, "f", grid=["--methods", "teacache", "--threshold", "0.05,0.2,0.5", "--ret-steps", "1", "--space",
+                               "teacache.residual_order=0"])
     search.main(args)
     out = capsys.readouterr().out
     study = load(tmp, "f")
-    by_threshold = {t.params["threshold"]: t for t in study.trials}
+    by_threshold = {t.user_attrs["point"]["threshold"]: t for t in study.trials}
     assert by_threshold[0.05].state == TrialState.COMPLETE
     assert by_threshold[0.2].state == TrialState.FAIL
     assert by_threshold[0.2].user_attrs["fail_reason"] == "RuntimeError: boom"
@@ -155,7 +167,7 @@ def test_trials_that_raise_or_make_nan_images_fail_with_their_reason_and_the_stu
     monkeypatch.setattr(core, "generate", real_generate)
     search.main([*args, "--retry-failed"])  # ...until asked to retry them
     study = load(tmp, "f")
-    assert complete_per_point(study) == Counter({(("ret_steps", 1), ("threshold", th)): 1 for th in (0.05, 0.2, 0.5)})
+    assert complete_per_point(study) == Counter({teacache_point(th, 1): 1 for th in (0.05, 0.2, 0.5)})
     assert len(study.trials) == 5
 
 
@@ -224,13 +236,13 @@ WORKER = textwrap.dedent("""
 
         def measure(self, recipe):
             with open(out / "calls.txt", "a") as f:
-                f.write(json.dumps([recipe.teacache.threshold, recipe.teacache.ret_steps]) + "\\n")
+                f.write(json.dumps([recipe.cache.threshold, recipe.cache.ret_steps]) + "\\n")
             (out / f"{me}.busy").touch()  # each holds its first point until the other has one too
             deadline = time.monotonic() + 60
             while not all((out / f"{w}.busy").exists() for w in "ab") and time.monotonic() < deadline:
                 time.sleep(0.05)
-            return {"time_per_image": recipe.teacache.threshold, "skipped_fraction": 0.0,
-                    "metrics": {"ssim": 1 - recipe.teacache.threshold}, "recipe": recipe.to_dict()}
+            return {"time_per_image": recipe.cache.threshold, "computed_fraction": 1.0,
+                    "metrics": {"ssim": 1 - recipe.cache.threshold}, "recipe": recipe.to_dict()}
 
     study, config = st.load_study("race", st.open_storage(url))
     (out / me).touch()
@@ -246,7 +258,8 @@ def test_two_worker_processes_on_one_sqlite_study_share_the_grid_without_duplica
 
     url = st.default_storage(tmp_path)
     base = Recipe(steps=6)
-    space = st.build_space(base, {"threshold": [0.1, 0.2, 0.3, 0.4], "ret_steps": [0, 1, 2]})
+    space = st.build_space(base, {"threshold": [0.1, 0.2, 0.3, 0.4], "ret_steps": [0, 1, 2],
+                                  "teacache": {"residual_order": [0]}}, methods="teacache")
     config = st.StudyConfig(model="tiny", prompts=({"id": "p", "text": "x", "images": [], "seed": 0},),
                             base_recipe=base.to_dict(), space=space.to_dict())
     st.create_or_load("race", st.open_storage(url), config)
@@ -267,11 +280,13 @@ def test_two_worker_processes_on_one_sqlite_study_share_the_grid_without_duplica
 
 def test_tpe_runs_the_requested_number_of_trials(inputs):
     tmp, _, _ = inputs
-    search.main(cli(tmp, "tpe", "--quiet", "--sampler", "tpe", "--n-trials", "3", "--speed-metric", "skipped"))
+    search.main(cli(tmp, "tpe", "--quiet", "--sampler", "tpe", "--n-trials", "3", "--speed-metric", "computed"))
     study = load(tmp, "tpe")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
-    assert all(0.05 <= t.params["threshold"] <= 0.5 and t.params["ret_steps"] in (0, 1) for t in study.trials)
-    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2  # skipped fraction and ssim
+    assert all(0.05 <= t.params["teacache.threshold"] <= 0.5 and t.params["teacache.ret_steps"] in (0, 1)
+               for t in study.trials)
+    # the share of the block stack computed (lower is faster) and ssim
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection.MAXIMIZE]
 
 
 def test_spawned_workers_get_one_gpu_each(monkeypatch, tmp_path):
@@ -290,11 +305,11 @@ def test_spawned_workers_get_one_gpu_each(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--threshold=-0.1,0.05"], r"--threshold: threshold -0.1 is invalid"),
-    (["--ret-steps", "0,7"], r"--ret-steps: ret_steps 7 is invalid; .*\(6 steps"),
+    (["--threshold=-0.1,0.05"], r"--threshold: grid point teacache threshold=-0.1 .*'cache.threshold' = -0.1 is invalid"),
+    (["--ret-steps", "0,7"], r"--ret-steps: grid point .*ret_steps=7 .*'cache.ret_steps' = 7 is invalid; .*steps \(6\)"),
     (["--threshold", "0.05,0.05"], r"listed more than once"),
     (["--cutoff-steps", "0", "--ret-steps", "1"], r"grid point .* not a valid recipe: .*cutoff_steps"),
-    (["--precision", "fp5"], r"precision 'fp5' is unknown"),
+    (["--precision", "fp5"], r"--precision: .*'transformer_precision' = 'fp5' is invalid"),
     (["--sampler", "tpe"], r"needs --n-trials"),
     (["--storage", "not a url"], r"cannot open the study storage not a url"),
     (["--storage", "sqlite:////nonexistent/dir/s.db"], r"cannot open the study storage sqlite:////nonexistent"),
@@ -320,7 +335,7 @@ def test_bad_grid_file_calibration_and_changed_settings_fail_before_model_work(i
     with pytest.raises(Flux2LabError, match=r"grid.yaml: unknown parameter 'ret_step'"):
         search.main(cli(tmp, "bad", "--grid", str(grid), grid=[]))
     grid.write_text("threshold: [0.05, 0.1]\nret_steps: [0, 12]\n")
-    with pytest.raises(Flux2LabError, match=r"grid.yaml, ret_steps: ret_steps 12 is invalid"):
+    with pytest.raises(Flux2LabError, match=r"grid.yaml, ret_steps: grid point .*'cache.ret_steps' = 12 is invalid"):
         search.main(cli(tmp, "bad", "--grid", str(grid), grid=[]))
     fit.write_text(json.dumps({"diagnostics": {}}))
     with pytest.raises(Flux2LabError, match=r"fit.json: not a calibration fit \(no 'coefficients' list\)"):
@@ -340,3 +355,202 @@ def test_bad_grid_file_calibration_and_changed_settings_fail_before_model_work(i
     st.create_or_load("made", storage, config)
     with pytest.raises(Flux2LabError, match=r"study 'made' already exists with other settings: space"):
         search.main(cli(tmp, "made", grid=["--threshold", "0.3"]))
+
+
+# ------------------------------------------------------------------------------------------ across cache methods
+
+TWO_METHODS = ["--methods", "teacache,taylorseer", "--threshold", "0.05,0.3", "--ret-steps", "1", "--space",
+               "teacache.residual_order=0,1", "--space", "taylorseer.cache_interval=2,3", "--speed-metric", "computed"]
+
+
+def test_a_grid_study_over_two_methods_runs_each_point_once_records_it_and_resumes(inputs, capsys):
+    from flux2lab.pipeline.recipe import Recipe
+
+    tmp, _, _ = inputs
+    search.main(cli(tmp, "two", grid=TWO_METHODS))
+    out = capsys.readouterr().out
+    study = load(tmp, "two")
+    # TeaCache 2 thresholds x order {0, 1} (slope 0.75 only with order 1), TaylorSeer 2 intervals (whole blocks)
+    assert complete_per_point(study) == Counter({
+        **{(("method", "teacache"), ("residual_order", 0), ("ret_steps", 1), ("threshold", th)): 1 for th in (0.05, 0.3)},
+        **{(("method", "teacache"), ("residual_order", 1), ("residual_slope", 0.75), ("ret_steps", 1),
+            ("threshold", th)): 1 for th in (0.05, 0.3)},
+        **{(("cache_interval", i), ("method", "taylorseer"), ("use_lite_mode", True)): 1 for i in (2, 3)}})
+    for t in study.trials:
+        assert set(t.params) == {"point"}  # the grid's one categorical; the point itself is a user attribute
+        recipe = Recipe.from_dict(t.user_attrs["recipe"])
+        point = t.user_attrs["point"]
+        assert recipe.cache.method == point["method"] and recipe.cache.to_dict().items() >= {
+            k: v for k, v in point.items() if k != "method"}.items()
+        assert recipe.cache.method != "teacache" or recipe.cache.coefficients == (1.0, 0.0)  # the calibration's
+        assert 0 < t.user_attrs["computed_fraction"] <= 1
+    assert "6/6 grid points done" in out and "Pareto front" in out
+    search.main(cli(tmp, "two", grid=TWO_METHODS))  # resumed: finished, nothing recomputed
+    assert len(load(tmp, "two").trials) == 6
+
+
+def test_a_tpe_study_over_two_methods_records_each_methods_own_parameters_and_resumes(inputs):
+    tmp, _, _ = inputs
+    args = cli(tmp, "tpe2", "--quiet", "--sampler", "tpe", "--n-trials", "6", grid=TWO_METHODS)
+    search.main(args)
+    study = load(tmp, "tpe2")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
+    methods = {t.params["method"] for t in study.trials}
+    assert methods == {"teacache", "taylorseer"}
+    for t in study.trials:  # define-by-run: a trial holds its own method's parameters only
+        method = t.params["method"]
+        assert all(k == "method" or k.startswith(f"{method}.") for k in t.params)
+        if method == "teacache":
+            assert 0.05 <= t.params["teacache.threshold"] <= 0.3
+            assert ("teacache.residual_slope" in t.params) == (t.params["teacache.residual_order"] == 1)
+        else:
+            assert 2 <= t.params["taylorseer.cache_interval"] <= 3 and t.params["taylorseer.use_lite_mode"] is True
+        point = t.user_attrs["point"]
+        assert point == {"method": method, **{k.split(".", 1)[1]: v for k, v in t.params.items() if k != "method"}}
+        assert t.user_attrs["recipe"]["cache"]["method"] == method
+    search.main(args)  # resumed: the budget is spent, no trial added
+    assert len(load(tmp, "tpe2").trials) == 6
+
+
+STUB_WORKER = {  # (time per image, ssim) per point: both methods on the front
+    ("teacache", 0.1): (1.0, 0.99), ("teacache", 0.2): (0.8, 0.90),
+    ("taylorseer", 2): (0.9, 0.98), ("taylorseer", 3): (0.7, 0.95),
+}
+
+
+class StubRunner(st.TrialRunner):
+    """Trials without model work: speed and quality per point from STUB_WORKER."""
+
+    def ensure_reference(self):
+        pass
+
+    def measure(self, recipe):
+        key = (recipe.cache.method, recipe.cache.threshold if recipe.cache.method == "teacache"
+               else recipe.cache.cache_interval)
+        time_per_image, ssim = STUB_WORKER[key]
+        return {"time_per_image": time_per_image, "computed_fraction": time_per_image / 2,
+                "metrics": {"ssim": ssim, "psnr": 40 * ssim}, "recipe": recipe.to_dict(),
+                "model": {"source": "tiny", "revision": None}}
+
+
+def test_one_front_across_methods_and_freeze_picks_the_fastest_point_of_any_method(tmp_path, capsys):
+    from flux2lab.pipeline.frozen import load_frozen
+    from flux2lab.pipeline.recipe import Recipe
+
+    exp = tmp_path / "exp"
+    storage = st.open_storage(st.default_storage(exp))
+    base = Recipe(steps=6)
+    space = st.build_space(base, {"teacache": {"threshold": [0.1, 0.2], "ret_steps": [0], "residual_order": [0]},
+                                  "taylorseer": {"cache_interval": [2, 3]}}, methods="teacache,taylorseer")
+    config = st.StudyConfig(model="tiny", prompts=({"id": "p", "text": "x", "images": [], "seed": 0},),
+                            base_recipe=base.to_dict(), space=space.to_dict())
+    study, config = st.create_or_load("front", storage, config)
+    st.run_worker(study, config, StubRunner(study, config, tmp_path, weights={}))
+
+    front = st.pareto_front(study, config)
+    table = st.format_table(front, config)
+    assert [config.trial_point(t)["method"] for t in front] == ["taylorseer", "taylorseer", "teacache"]
+    assert re.search(r"taylorseer +cache_interval=3 use_lite_mode=true", table)
+    assert re.search(r"teacache +threshold=0.1 ret_steps=0 residual_order=0", table)
+    fig = st.pareto_figure("front", study.trials, config, {t.number for t in front})
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[:2] == ["teacache", "taylorseer"] and "Pareto front" in legend
+
+    search.main(["--study", "front", "--experiments", str(exp), "--freeze", "--min-ssim", "0.96"])
+    out = capsys.readouterr().out
+    frozen = load_frozen(exp / "frozen" / "front.json")
+    assert frozen.recipe.cache.method == "taylorseer" and frozen.recipe.cache.cache_interval == 2
+    assert frozen.recipe.cache.use_lite_mode is True and frozen.recipe.steps == 6
+    assert frozen.provenance["trial"]["point"] == {"method": "taylorseer", "cache_interval": 2, "use_lite_mode": True}
+    assert frozen.provenance["metrics"]["computed_fraction"] == 0.45
+    assert "(taylorseer cache_interval=2 use_lite_mode=true) is the fastest within --min-ssim 0.96" in out
+    search.main(["--study", "front", "--experiments", str(exp), "--freeze", "--min-ssim", "0.99", "--out",
+                 str(tmp_path / "tc.json")])
+    assert load_frozen(tmp_path / "tc.json").recipe.cache.threshold == 0.1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "magcache"], r"--methods magcache: magcache needs MagCache's magnitude ratios"),
+    (["--methods", "taylorseer", "--recipe", "{graphs}"], r"--methods taylorseer: .*cannot run with CUDA graphs"),
+    (["--methods", "first_block", "--recipe", "{ulysses}"], r"--methods first_block: .*context parallelism"),
+    (["--methods", "teacache,nope"], r"--methods: unknown method 'nope'"),
+    (["--methods", "none"], r"--methods none: the uncached run is not a point"),
+    (["--methods", "teacache", "--space", "taylorseer.cache_interval=2"],
+     r"--space taylorseer.cache_interval: values for taylorseer, which this study does not search"),
+    (["--recipe", "{graphs}", "--space", "taylorseer.cache_interval=2"],
+     r"--space taylorseer.cache_interval: values for taylorseer, which cannot run here: .*CUDA graphs"),
+    (["--methods", "taylorseer", "--space", "taylorseer.interval=2"], r"taylorseer has no setting 'interval'"),
+    (["--methods", "teacache", "--space", "magcache.mag_ratios=1"], r"mag_ratios come from the calibration"),
+    (["--methods", "seacache", "--space", "seacache.threshold=0.5,-1"],
+     r"--space seacache.threshold: grid point seacache threshold=-1 .*not a valid recipe: .*must be non-negative"),
+    (["--methods", "teacache", "--space", "cache_interval=2"], r"--space 'cache_interval=2': write METHOD.SETTING"),
+])
+def test_methods_that_cannot_run_and_bad_method_values_fail_before_model_work(inputs, monkeypatch, extra, message):
+    from flux2lab.pipeline import models
+    from flux2lab.pipeline.recipe import Recipe
+
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("model work before the error"))
+    tmp, _, _ = inputs
+    Recipe(cuda_graphs=True).save(tmp / "graphs.json")
+    Recipe(ulysses_degree=2).save(tmp / "ulysses.json")
+    extra = [a.format(graphs=tmp / "graphs.json", ulysses=tmp / "ulysses.json") for a in extra]
+    with pytest.raises(Flux2LabError, match=message):
+        search.main(cli(tmp, "bad", *extra, grid=[]))
+
+
+def test_an_older_teacache_only_study_is_refused_with_the_fix(tmp_path):
+    storage = st.open_storage(st.default_storage(tmp_path))
+    study = optuna.create_study(study_name="old", storage=storage, directions=["minimize", "maximize"])
+    study.set_user_attr("flux2lab", {"version": 1, "space": {"threshold": [0.05]}})
+    with pytest.raises(Flux2LabError, match=r"study 'old': .*older flux2lab .*TeaCache alone.*another --study name"):
+        st.load_study("old", storage)
+
+
+def test_on_mini_each_method_loses_quality_as_it_computes_less(tmp_path):
+    """4 held-out captions, 10 steps: more skipping, lower PSNR against the uncached images (measured: TeaCache
+    threshold 0.05 60% computed / 39 dB, 0.2 20% / 26 dB; TaylorSeer interval 2 60% / 44 dB, 5 50% / 32 dB)."""
+    from flux2lab.zoo.world import sample_scenes
+
+    prompts = tmp_path / "captions.txt"
+    prompts.write_text("".join(s.caption + "\n" for s in sample_scenes(4, 0, split="heldout")))
+    search.main(["--study", "mini", "--model", "mini", "--experiments", str(tmp_path / "exp"), "--prompts",
+                 str(prompts), "--calibration", str(ROOT / "reports" / "mini" / "calibration" / "fit.json"),
+                 "--steps", "10", "--methods", "teacache,taylorseer", "--threshold", "0.05,0.2", "--ret-steps", "1",
+                 "--space", "teacache.residual_order=0", "--space", "taylorseer.cache_interval=2,5",
+                 "--quality-metric", "psnr", "--speed-metric", "computed", "--skip-missing", "--quiet"])
+    study = load(tmp_path, "mini")
+    by_method: dict[str, list] = {}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        by_method.setdefault(t.user_attrs["point"]["method"], []).append(
+            (t.user_attrs["computed_fraction"], t.user_attrs["metrics"]["psnr"]))
+    assert set(by_method) == {"teacache", "taylorseer"}
+    for method, runs in by_method.items():
+        (less, low), (more, high) = sorted(runs)
+        assert less < more and low < high, f"{method}: {runs}"
+
+
+def test_every_other_method_runs_through_search_and_freeze_magcache_with_the_calibrations_ratios(inputs, capsys):
+    from flux2lab.pipeline.frozen import load_frozen
+
+    tmp, _, fit = inputs
+    ratios = [1.0, 0.98, 0.95, 0.93, 0.9, 0.88]
+    (tmp / "mag_ratios.json").write_text(json.dumps({"mag_ratios": ratios}))  # calibrate writes it beside fit.json
+    config = search._config_from_args(search.build_parser().parse_args(cli(tmp, "default", grid=[])), {})
+    assert list(config.space["methods"]) == ["teacache", "taylorseer", "magcache", "first_block", "seacache"]
+    assert config.calibration["mag_ratios"] == ratios and config.calibration["coefficients"] == [1.0, 0.0]
+
+    args = cli(tmp, "others", grid=["--methods", "magcache,first_block,seacache", "--space", "magcache.threshold=0.5",
+                                    "--space", "first_block.threshold=0.2", "--space", "seacache.threshold=0.5",
+                                    "--space", "seacache.max_consecutive_cached=2", "--speed-metric", "computed"])
+    search.main(args)
+    study = load(tmp, "others")
+    assert sorted(t.user_attrs["point"]["method"] for t in study.trials if t.state == TrialState.COMPLETE) == [
+        "first_block", "magcache", "seacache"]
+    magcache = next(t for t in study.trials if t.user_attrs["point"]["method"] == "magcache")
+    search.main(["--study", "others", "--experiments", str(tmp / "exp"), "--freeze", "--min-ssim",
+                 str(magcache.user_attrs["metrics"]["ssim"]), "--out", str(tmp / "mag.json")])
+    frozen = load_frozen(tmp / "mag.json")  # MagCache computes least here (33% of the block stack on tiny)
+    assert frozen.recipe.cache.method == "magcache" and frozen.recipe.cache.threshold == 0.5
+    assert frozen.recipe.cache.mag_ratios == tuple(ratios)
+    assert "magnitude ratios: calibration fit" in frozen.provenance["notes"]
+    assert list(frozen.provenance["calibration"]["mag_ratios"]) == ratios

@@ -309,13 +309,21 @@ def test_distance_is_reduced_over_the_token_shards(monkeypatch):
 
 
 def test_overhead_script_runs_on_cpu(tmp_path):
-    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "gpu_teacache_overhead.py"))
-    assert script["main"](["--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--rounds", "1",
+    """Every step cache's cost (scripts/gpu_cache_overhead.py, which replaced gpu_teacache_overhead.py)."""
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "gpu_cache_overhead.py"))
+    assert script["main"](["--model", "tiny", "--device", "cpu", "--steps", "5", "--warmup", "1", "--rounds", "1",
                            "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "teacache_overhead.json").read_text())
-    assert set(report["median_ms"]) == {"normal", "computed", "skipped"} and all(report["median_ms"].values())
-    assert set(report["targets"]) == {"computed_overhead_pct", "skipped_cost_pct"}
-    assert "| skipped |" in (tmp_path / "teacache_overhead.md").read_text()
+    report = json.loads((tmp_path / "cache_overhead.json").read_text())
+    assert report["normal"]["computed_median_ms"] > 0 and report["normal"]["cached_steps"] == []
+    assert set(report["methods"]) == {"teacache", "taylorseer", "taylorseer_lite", "magcache", "first_block",
+                                      "seacache"}
+    for name, m in report["methods"].items():
+        assert m["computed"]["cached_steps"] == [] and m["computed"]["computed_median_ms"] > 0, name
+        assert m["cached"]["cached_steps"] and m["cached"]["cached_median_ms"] > 0, name  # it really cached
+        assert set(m["targets"]) == {"computed_overhead_pct", "cached_cost_pct", "added_peak_gib"}
+        assert m["computed_overhead_pct"] is not None and m["added_peak_gib"] is None  # no GPU memory on CPU
+    md = (tmp_path / "cache_overhead.md").read_text()
+    assert "| teacache |" in md and "| seacache |" in md
 
 
 # --- the residual predictor (residual_order=1) -------------------------------------------------------------

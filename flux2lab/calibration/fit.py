@@ -25,6 +25,20 @@ from flux2lab.pipeline.recipe import FLUX2_DEV_COEFFICIENTS
 
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
 HELDOUT_FRACTION = 0.2
+MAX_DEGREE = 6
+DEFAULT_RET_STEPS = 10  # of the skip-limit table, or the run's steps when fewer
+
+
+def check_degree(degree: int) -> None:
+    if not isinstance(degree, int) or not 1 <= degree <= MAX_DEGREE:
+        raise Flux2LabError(f"--degree {degree!r}: use an integer from 1 to {MAX_DEGREE} (TeaCache uses 3).")
+
+
+def check_ret_steps(ret_steps: int | None, steps: int) -> None:
+    """`ret_steps` (None: the default) must lie between 0 and the run's steps."""
+    if ret_steps is not None and not 0 <= ret_steps <= steps:
+        raise Flux2LabError(f"--ret-steps {ret_steps}: give a number from 0 to the {steps} steps of the run (the "
+                            "first ret_steps steps always compute).")
 
 
 def r_squared(y: np.ndarray, predicted: np.ndarray) -> float | None:
@@ -111,8 +125,7 @@ def skip_advice(floor: float, at: float, x_range: tuple[float, float], threshold
 def fit_samples(samples: Samples, degree: int = 3, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                 steps: int = 50, ret_steps: int = 10, cutoff_steps: int | None = None) -> dict[str, Any]:
     """Fit y ~ poly(x) and describe how good it is and what it allows (the content of fit.json)."""
-    if not isinstance(degree, int) or not 1 <= degree <= 6:
-        raise Flux2LabError(f"--degree {degree!r}: use an integer from 1 to 6 (TeaCache uses 3).")
+    check_degree(degree)
     finite = np.isfinite(samples.x) & np.isfinite(samples.y)
     excluded = int((~finite).sum())
     if excluded:
@@ -125,6 +138,11 @@ def fit_samples(samples: Samples, degree: int = 3, *, thresholds: Sequence[float
         raise Flux2LabError(
             f"too few samples to fit a degree-{degree} polynomial: {len(s)} usable from {len(prompts)} prompt(s) "
             f"(need at least {need}). Record more prompts or more steps.")
+    distinct = len(np.unique(s.x))
+    if distinct < degree + 1:
+        raise Flux2LabError(
+            f"only {distinct} distinct x values in {len(s)} samples: a degree-{degree} fit needs at least "
+            f"{degree + 1}. Give --degree {max(1, distinct - 1)} or record more varied prompts and steps.")
     coefficients = np.polyfit(s.x, s.y, degree)
     residual = s.y - np.polyval(coefficients, s.x)
 
@@ -211,12 +229,15 @@ def plot_fit(samples: Samples, fit: dict[str, Any], path: Path, title: str = "")
     return path
 
 
-def fit_run(run_dir: Path, degree: int = 3, ret_steps: int = 10) -> dict[str, Any]:
-    """Merge the shards and write `fit.json` and `fit.png` for a finished recording."""
+def fit_run(run_dir: Path, degree: int = 3, ret_steps: int | None = None) -> dict[str, Any]:
+    """Merge the shards and write `fit.json` and `fit.png` for a finished recording. `ret_steps` of the skip
+    limits: None is `DEFAULT_RET_STEPS`, or the run's steps when fewer."""
     meta_path = run_dir / "run.json"
     if not meta_path.exists():
         raise Flux2LabError(f"{run_dir} holds no calibration recording (no run.json); record one first.")
     meta = json.loads(meta_path.read_text())
+    check_ret_steps(ret_steps, meta["steps"])
+    ret_steps = min(DEFAULT_RET_STEPS, meta["steps"]) if ret_steps is None else ret_steps
     samples_path = merge_samples(run_dir, meta["steps"])
     if not samples_path.exists():
         raise Flux2LabError(f"{run_dir} has no samples yet; record first.")

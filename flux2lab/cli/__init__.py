@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
 
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.values import MAX_SEED
 
 # The trained built-in model: CPU-fast like tiny, but its quality numbers mean something (tiny's weights are random).
 DEFAULT_MODEL = "mini"
@@ -82,11 +85,84 @@ def set_prog(module: str, prog: str) -> None:
     _progs[module] = prog
 
 
+# ------------------------------------------------------------------------------------------ argument types
+# Values out of range are refused while parsing (`PROG: error: argument --flag: ...`, exit 2), before any work,
+# and a given 0 is a value like any other, never "not given".
+
+
+def int_in_range(low: int, high: int | None = None, allowed: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` (to `high`); `allowed` says so in the message."""
+    allowed = allowed or (f"an integer >= {low}" if high is None else f"an integer from {low} to {high}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give {allowed}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give {allowed}")
+        return value
+
+    return parse
+
+
+positive_int = int_in_range(1)
+non_negative_int = int_in_range(0)
+seed_int = int_in_range(0, MAX_SEED, "a seed from 0 to 2**63-1")
+sampler_seed_int = int_in_range(0, 2**32 - 1, "a seed from 0 to 2**32-1 (numpy's range)")
+
+
+def _float(text: str, allowed: str, ok: Callable[[float], bool]) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {allowed}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give {allowed}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (not nan or inf)."""
+    return _float(text, "a finite number", lambda v: True)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    return _float(text, "a finite number > 0", lambda v: v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    return _float(text, "a finite number >= 0", lambda v: v >= 0)
+
+
+def folder_name(text: str) -> str:
+    """An argparse type: a name that becomes one folder under an output folder (no separators, no '..')."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder: use letters, digits, '.', '_' and '-' (no '/' or "
+                                         "'..'), starting with a letter or digit")
+    return text
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device torch knows by that name (cpu, cuda, cuda:N); whether it is present is checked
+    where the model loads."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name; give cpu, cuda or cuda:N") from None
+    return text
+
+
 def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = DEFAULT_MODEL,
                    model_help: str = MODEL_HELP) -> None:
     """--model, --device and --dtype (`parser` may be an argument group)."""
     parser.add_argument("--model", default=model_default, help=model_help)
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if present, else cpu)")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="cpu | cuda | cuda:N (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="model dtype (default: bf16 on GPU, fp32 on CPU)")
 

@@ -154,6 +154,7 @@ class _State(BaseState):
         self.residual: torch.Tensor | None = None  # what the current skipped step adds
         self.x_emb: torch.Tensor | None = None
         self.temb_mod_img: torch.Tensor | None = None
+        self.modulation_step: int | None = None  # the step `temb_mod_img` is of
         self.mask: torch.Tensor | None = None
         self.skip = False  # the only thing the (compiled) blocks read
 
@@ -168,16 +169,18 @@ def forward_argument(module: torch.nn.Module, name: str, args: tuple, kwargs: di
 
 
 class _StepHook(ModelHook):
-    """On the transformer: one call is one step; a timestep that does not decrease starts a new image.
+    """On the transformer: one call is one step; a timestep that does not decrease starts a new image. With the
+    pipeline's scheduler, an image whose schedule has another step count than the config's is refused at step 0.
 
     Stateful, so the pipeline's own end-of-call reset (`maybe_free_model_hooks`) also restarts TeaCache.
     """
 
     _is_stateful = True
 
-    def __init__(self, state: _State) -> None:
+    def __init__(self, state: _State, scheduler: Any = None) -> None:
         super().__init__()
         self.state = state
+        self.scheduler = scheduler
 
     def pre_forward(self, module, *args, **kwargs):
         self._begin_step(forward_argument(module, "timestep", args, kwargs),
@@ -190,6 +193,11 @@ class _StepHook(ModelHook):
         t = float(timestep.flatten()[0]) * 1000  # the pipeline passes t / 1000
         if st.last_timestep is not None and t >= st.last_timestep:
             st.reset()
+        scheduled = getattr(self.scheduler, "num_inference_steps", None) if st.step == 0 else None
+        if scheduled is not None and scheduled != st.config.num_inference_steps:
+            raise Flux2LabError(
+                f"TeaCache was set up for {st.config.num_inference_steps} steps, but the pipeline runs {scheduled}; "
+                "apply it with num_inference_steps equal to the pipeline's (the recipe's `steps`).")
         if st.step >= st.config.num_inference_steps:
             raise Flux2LabError(
                 f"TeaCache was set up for {st.config.num_inference_steps} steps, but the pipeline is running step "
@@ -216,7 +224,7 @@ class _ModulationHook(ModelHook):
         self.state = state
 
     def post_forward(self, module, output):
-        self.state.temb_mod_img = output
+        self.state.temb_mod_img, self.state.modulation_step = output, self.state.step
         return output
 
 
@@ -236,6 +244,9 @@ class _DecisionHook(ModelHook):
     @torch.compiler.disable
     def _decide(self, x_emb: torch.Tensor) -> None:
         st, config = self.state, self.state.config
+        if st.modulation_step != st.step:
+            raise RuntimeError(f"TeaCache: block 0's modulation of step {st.step} was not seen before x_embedder "
+                               "ran; the transformer's forward no longer runs in the order TeaCache hooks.")
         st.x_emb = x_emb
         m = modulated_input(self.norm1, x_emb, st.temb_mod_img)
         if st.mask is not None:
@@ -329,16 +340,18 @@ def _step_hook(transformer: torch.nn.Module) -> _StepHook | None:
     return _hooks(unwrap_module(transformer)).get_hook(HOOK_NAME)
 
 
-def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> None:
+def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig, scheduler: Any = None) -> None:
     """Attach TeaCache to a `Flux2Transformer2DModel`, or swap the config of the TeaCache already attached.
 
     Swapping keeps the same hook objects, so a compiled transformer is not recompiled when a search tries
-    another threshold; the state restarts either way.
+    another threshold; the state restarts either way. With the pipeline's `scheduler`, a pipeline call with
+    another step count than `config.num_inference_steps` is refused at its first step.
     """
     transformer = unwrap_module(transformer)
     existing = _step_hook(transformer)
     if existing is not None:
         existing.state.config = config
+        existing.scheduler = scheduler
         existing.state.reset()
         return
     if not hasattr(transformer, "transformer_blocks") or not hasattr(transformer, "single_transformer_blocks"):
@@ -350,7 +363,7 @@ def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> None
         *[(block, _BlockHook(state)) for block in transformer.transformer_blocks],
         *[(block, _BlockHook(state)) for block in transformer.single_transformer_blocks],
         (transformer.norm_out, _ResidualHook(state)),
-        (transformer, _StepHook(state)),
+        (transformer, _StepHook(state, scheduler)),
     ]
     for module, hook in targets:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)

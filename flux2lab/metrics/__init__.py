@@ -2,7 +2,8 @@
 
 Compare and search compute the same numbers the same way on machines without internet: every metric with
 learned weights is resolved before anything is generated (`check_weights`), from a path the user gives or
-the standard cache of its library, and nothing is downloaded. The numbers come from torchmetrics and
+the standard cache of its library, which that library's own loader fills when the machine is online (offline,
+with HF_HUB_OFFLINE or FLUX2LAB_OFFLINE set, nothing is downloaded). The numbers come from torchmetrics and
 open_clip, imported only when a metric runs, so importing this package is cheap.
 
 - `registry`: METRICS, `register_metric`, `check_weights`, `evaluate` (and the built-in metrics);
@@ -24,6 +25,7 @@ from flux2lab.metrics.registry import (
     MetricInputs,
     MetricOptions,
     MetricResult,
+    ResolvedWeights,
     check_weights,
     evaluate,
     register_metric,
@@ -31,7 +33,7 @@ from flux2lab.metrics.registry import (
 from flux2lab.metrics.weights import WeightFile, WeightSpec
 
 __all__ = [
-    "LPIPS_MIN_SIZE", "METRICS", "Images", "Metric", "MetricInputs", "MetricOptions", "MetricResult", "Summary",
-    "WeightFile", "WeightSpec", "add_weight_arguments", "bootstrap_ci", "check_weights", "clip_scores", "evaluate",
-    "fid", "fid_from_features", "lpips", "psnr", "register_metric", "ssim", "weight_paths",
+    "LPIPS_MIN_SIZE", "METRICS", "Images", "Metric", "MetricInputs", "MetricOptions", "MetricResult", "ResolvedWeights",
+    "Summary", "WeightFile", "WeightSpec", "add_weight_arguments", "bootstrap_ci", "check_weights", "clip_scores",
+    "evaluate", "fid", "fid_from_features", "lpips", "psnr", "register_metric", "ssim", "weight_paths",
 ]

@@ -27,11 +27,14 @@ from flux2lab.metrics.paired import psnr, ssim
 from flux2lab.metrics.perceptual import lpips
 from flux2lab.metrics.weights import (
     WeightSpec,
+    fetch_clip,
+    fetch_fid,
+    fetch_lpips,
+    find_or_fetch,
     given_path,
     locate_clip,
     locate_fid,
     locate_lpips,
-    missing_message,
 )
 
 log = logging.getLogger(__name__)
@@ -84,19 +87,29 @@ def register_metric(
     METRICS[name] = Metric(fn, weights, needs_prompts)
 
 
+class ResolvedWeights(dict):
+    """What `check_weights` returns: {metric: weight file, or None for metrics without weights} for the metrics that
+    will run, and `skipped`: {metric: why it will not run} for those `skip_missing` left out."""
+
+    def __init__(self, resolved: Mapping[str, Path | None] = (), skipped: Mapping[str, str] | None = None):
+        super().__init__(resolved)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
 def check_weights(
     metric_names: Sequence[str],
     paths: Mapping[str, str | os.PathLike | None] | None = None,
     *,
     skip_missing: bool = False,
     options: MetricOptions | None = None,
-) -> dict[str, Path | None]:
+) -> ResolvedWeights:
     """Resolve every requested metric's weights; call it before generating anything.
 
     Order: `paths[name]` (the command-line flag), then the metric's environment variable, then the standard
-    cache. Returns {name: weight file, or None for metrics without weights} for the metrics that will run.
+    cache, which the metric's library fills itself when the machine is online (`weights.find_or_fetch`).
+    Returns {name: weight file, or None for metrics without weights} for the metrics that will run.
     Missing weights raise one `Flux2LabError` listing every missing file; with `skip_missing` those metrics
-    are left out of the result and each is logged as a warning instead.
+    are left out of the result (their reasons in its `skipped`) and each is logged as a warning instead.
     """
     options = options or MetricOptions()
     paths = {k: v for k, v in (paths or {}).items() if v is not None}
@@ -104,7 +117,7 @@ def check_weights(
     if unknown:
         raise Flux2LabError(f"unknown metric(s) {unknown}; available: {sorted(METRICS)}")
     resolved: dict[str, Path | None] = {}
-    missing: list[str] = []
+    missing: dict[str, str] = {}
     for name in dict.fromkeys(metric_names):
         spec = METRICS[name].weights
         if spec is None:
@@ -114,16 +127,16 @@ def check_weights(
         elif os.environ.get(spec.env_var):
             resolved[name] = given_path(name, os.environ[spec.env_var], f"{spec.env_var}=", spec, options)
         else:
-            wf = spec.locate(options)
-            if wf.found is not None:
-                resolved[name] = wf.found
+            found, why = find_or_fetch(name, spec, options)
+            if found is not None:
+                resolved[name] = found
             else:
-                missing.append(missing_message(name, spec, wf))
+                missing[name] = why
     if missing and not skip_missing:
-        raise Flux2LabError("\n".join(missing) + "\n(or pass --skip-missing to run without these metrics)")
-    for message in missing:
+        raise Flux2LabError("\n".join(missing.values()) + "\n(or pass --skip-missing to run without these metrics)")
+    for message in missing.values():
         log.warning("skipping %s", message)
-    return resolved
+    return ResolvedWeights(resolved, missing)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -258,19 +271,24 @@ register_metric("ssim", _ssim_metric)
 register_metric(
     "lpips",
     _lpips_metric("alex", "lpips"),
-    weights=WeightSpec("FLUX2LAB_LPIPS_WEIGHTS", "--lpips-weights", locate_lpips("alex")),
+    weights=WeightSpec("FLUX2LAB_LPIPS_WEIGHTS", "--lpips-weights", locate_lpips("alex"), fetch_lpips("alex"),
+                       "torchmetrics (torchvision's AlexNet)"),
 )
 register_metric(
     "lpips_vgg",
     _lpips_metric("vgg", "lpips_vgg"),
-    weights=WeightSpec("FLUX2LAB_LPIPS_VGG_WEIGHTS", "--lpips-vgg-weights", locate_lpips("vgg")),
+    weights=WeightSpec("FLUX2LAB_LPIPS_VGG_WEIGHTS", "--lpips-vgg-weights", locate_lpips("vgg"), fetch_lpips("vgg"),
+                       "torchmetrics (torchvision's VGG16)"),
 )
 register_metric(
-    "fid", _fid_metric, weights=WeightSpec("FLUX2LAB_FID_WEIGHTS", "--fid-weights", locate_fid)
+    "fid",
+    _fid_metric,
+    weights=WeightSpec("FLUX2LAB_FID_WEIGHTS", "--fid-weights", locate_fid, fetch_fid,
+                       "torchmetrics (torch-fidelity's InceptionV3)"),
 )
 register_metric(
     "clip",
     _clip_metric,
-    weights=WeightSpec("FLUX2LAB_CLIP_WEIGHTS", "--clip-weights", locate_clip),
+    weights=WeightSpec("FLUX2LAB_CLIP_WEIGHTS", "--clip-weights", locate_clip, fetch_clip, "open_clip"),
     needs_prompts=True,
 )

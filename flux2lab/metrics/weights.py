@@ -1,12 +1,17 @@
-"""Where each metric's weight file is: a path the user gives, or the standard cache its library looks in.
+"""Where each metric's weight file is: a path the user gives, or the standard cache its library looks in, filled
+by that library's own loader when the machine is online.
 
-Nothing here downloads. A missing file gets a message naming the file, the folder it belongs in, the
-environment variable and the flag (`missing_message`); `check_weights` in `registry` applies this to every
+A file missing from the cache is fetched the way the ecosystem fetches it (`find_or_fetch`): torchmetrics' LPIPS
+(torchvision's downloader) and FID (torch-fidelity's) into the torch hub cache, open_clip's `download_pretrained`
+into the Hugging Face cache, each with its library's progress bar. Offline (HF_HUB_OFFLINE or FLUX2LAB_OFFLINE
+set), or when the fetch fails, the message names the file, the folder it belongs in, the environment variable and
+the flag (`missing_message`), and why nothing was fetched. `check_weights` in `registry` applies this to every
 requested metric before anything is generated.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +21,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.files import check_weight_file
 from flux2lab.metrics.perceptual import LPIPS_BACKBONES
 
 if TYPE_CHECKING:
     from flux2lab.metrics.registry import MetricOptions
 
+log = logging.getLogger(__name__)
+# Set to 1 (or on/yes/true), either keeps every metric library from downloading.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "FLUX2LAB_OFFLINE")
 
 @dataclass(frozen=True)
 class WeightFile:
@@ -39,6 +48,8 @@ class WeightSpec:
     env_var: str
     flag: str
     locate: Callable[[MetricOptions], WeightFile]
+    fetch: Callable[[MetricOptions], object] | None = None  # the library's own loader, filling the cache `locate` reads
+    fetcher: str = ""  # the library that fetches, for messages ("torchvision")
 
 
 def _torch_hub_file(url: str) -> WeightFile:
@@ -107,18 +118,80 @@ def locate_clip(options: MetricOptions) -> WeightFile:
     return WeightFile((name,), str(cache_dir), path if path.is_file() else None, f"download {cfg['url']}")
 
 
+def fetch_fid(options: MetricOptions) -> None:
+    """torchmetrics' FID builds torch-fidelity's InceptionV3, which downloads its weights into the torch hub cache."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    FrechetInceptionDistance(feature=options.fid_feature)
+
+
+def fetch_lpips(net: str) -> Callable[[MetricOptions], None]:
+    """The loader of LPIPS' `net` backbone: torchmetrics' LPIPS, whose torchvision backbone downloads its weights
+    into the torch hub cache (the linear layers ship with torchmetrics)."""
+
+    def fetch(options: MetricOptions) -> None:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        LearnedPerceptualImagePatchSimilarity(net_type=net)
+
+    return fetch
+
+
+def fetch_clip(options: MetricOptions) -> None:
+    """open_clip's own download of the pretrained tag's checkpoint (the Hugging Face cache when the tag has a hub
+    repository, as `create_model_and_transforms(arch, pretrained=tag)` does), without building the model."""
+    import open_clip
+
+    open_clip.download_pretrained(open_clip.get_pretrained_cfg(options.clip_model, options.clip_pretrained))
+
+
+def offline_setting() -> str | None:
+    """The variable that keeps this process offline ("HF_HUB_OFFLINE=1"), or None when libraries may download."""
+    for var in OFFLINE_VARIABLES:
+        value = os.environ.get(var, "")
+        if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var}={value}"
+    return None
+
+
+def find_or_fetch(name: str, spec: WeightSpec, options: MetricOptions) -> tuple[Path | None, str | None]:
+    """The cached weight file of metric `name`, fetched first by its library's loader when it is not cached and the
+    machine is online; or (None, the message saying which file is missing, where it belongs and why it was not
+    fetched)."""
+    wf = spec.locate(options)
+    if wf.found is not None:
+        return wf.found, None
+    if spec.fetch is None:
+        return None, missing_message(name, spec, wf)
+    offline = offline_setting()
+    if offline is not None:
+        return None, missing_message(name, spec, wf) + (
+            f" ({offline} is set, so nothing is downloaded; without it, {spec.fetcher} fetches the file into "
+            "that cache itself.)")
+    log.warning("%s: %s is not in %s; fetching it with %s", name, wf.filenames[0], wf.cache_dir, spec.fetcher)
+    try:
+        spec.fetch(options)
+    except Exception as e:  # a download fails in each library's own way; each is the reason given
+        return None, missing_message(name, spec, wf) + f" Fetching it with {spec.fetcher} failed: {type(e).__name__}: {e}"
+    wf = spec.locate(options)
+    if wf.found is None:
+        return None, missing_message(name, spec, wf) + f" ({spec.fetcher} ran, but the file is still not there.)"
+    return wf.found, None
+
+
 def given_path(
     name: str, given: str | os.PathLike, how: str, spec: WeightSpec, options: MetricOptions
 ) -> Path:
     """The file behind a path the user gave (`how`: "--flag " or "VAR="); a folder is searched for the file."""
     path = Path(given).expanduser()
+    what = f"{name} weights ({how.rstrip('= ')})"
     if path.is_file():
-        return path
+        return check_weight_file(path, what)
     if path.is_dir():
         names = spec.locate(options).filenames
         for filename in names:
             if (path / filename).is_file():
-                return path / filename
+                return check_weight_file(path / filename, what)
         raise Flux2LabError(f"{name}: {how}{given} is a folder without {' or '.join(names)}")
     # A wrong explicit path is an error even with --skip-missing: skipping would hide a typo.
     raise Flux2LabError(f"{name}: {how}{given}: no such file or folder")

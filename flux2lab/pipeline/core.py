@@ -204,7 +204,7 @@ def _apply_cache(pipe: Flux2Pipeline, recipe: Recipe) -> None:
     if method not in DIFFUSERS_METHODS:
         step_caches.remove_step_cache(t)
     if method == "teacache":
-        teacache.apply_teacache(t, teacache.TeaCacheConfig.from_recipe(recipe))
+        teacache.apply_teacache(t, teacache.TeaCacheConfig.from_recipe(recipe), scheduler=pipe.scheduler)
     elif method in DIFFUSERS_METHODS:
         step_caches.apply_step_cache(t, method, recipe.cache.as_dict(), recipe.steps,
                                      compile_fullgraph=getattr(t, COMPILED_FULLGRAPH, False))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,21 @@ def dtype_of(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+def check_source(source: str) -> None:
+    """Refuse, before any work, a model that is neither built in, an existing folder, nor a hub id (owner/name);
+    whether a hub model's weights are at hand is found when it loads."""
+    if source in BUILTIN or Path(source).expanduser().exists() or HUB_ID.fullmatch(source):
+        return
+    if any(sep in source for sep in ("/", "\\")) or source.startswith(("~", ".")):
+        raise Flux2LabError(f"model folder {source} does not exist; check --model (the folder holding "
+                            "model_index.json).")
+    raise Flux2LabError(f"model {source!r} is unknown: not a built-in model ({', '.join(BUILTIN)}), an existing folder "
+                        "or a hub id (owner/name, e.g. black-forest-labs/FLUX.2-dev); check --model.")
+
+
 def load_pipeline(source: str, device: str | None = None, dtype: str | torch.dtype | None = None, *,
                   staged: bool = False) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline: `tiny`, `mini`, `full-random`, a hub id, or a local diffusers folder.
@@ -251,6 +267,7 @@ def load_pipeline(source: str, device: str | None = None, dtype: str | torch.dty
     `device`, quantizing it there (so at most one component is on the card in BF16), or hands them to the
     recipe's offloading. `full-random` (the transformer alone) is always built on `device`.
     """
+    check_source(source)
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise Flux2LabError(f"device '{device}' was asked for, but this machine has no CUDA GPU. Use --device cpu.")

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.files import read_text
+from flux2lab.common.values import MAX_SEED
 from flux2lab.pipeline.core import Prompt
 
 _FIELDS = {"prompt", "images", "seed", "id"}
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes seeds from 0 to 2**63-1 (and wraps larger ones)
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,7 @@ def _reference_image(img: str, manifest: Path, where: str) -> Path:
 def load_prompts(path: str | Path) -> list[PromptEntry]:
     """Read and check a prompt set: `.jsonl` manifest, or any other file as one prompt per line."""
     path = Path(path)
-    if path.is_dir():
-        raise Flux2LabError(f"prompt file {path} is a folder; give the .jsonl manifest (or text file) in it.")
-    if not path.is_file():
-        raise Flux2LabError(f"prompt file {path} does not exist.")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise Flux2LabError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the prompt "
-                            "file as UTF-8.") from None
+    text = read_text(path, "prompt file")
     entries = []
     for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.files import read_text
 from flux2lab.common.values import is_int, is_number
 from flux2lab.pipeline.caches import (  # noqa: F401 (the TeaCache constants are read from here too)
     CACHE_METHODS,
@@ -118,10 +119,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist.")
-        return cls.from_json(path.read_text(), source=str(path))
+        return cls.from_json(read_text(path, "recipe file"), source=str(path))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -180,3 +178,10 @@ def validate(recipe: Recipe) -> None:
         recipe.cache.check(recipe.steps)
     except CacheSettingsError as e:
         raise RecipeError(str(e)) from None
+    if isinstance(recipe.cache, StepCacheSettings):  # combinations a diffusers cache cannot run in, before model work
+        from flux2lab.hooks.step_caches import step_cache_refusal
+
+        reason = step_cache_refusal(recipe.cache.method, context_parallel=recipe.ulysses_degree > 1,
+                                    cuda_graphs=recipe.cuda_graphs)
+        if reason is not None:
+            raise RecipeError(f"field 'cache': {reason}")

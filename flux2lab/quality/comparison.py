@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +24,15 @@ from flux2lab.pipeline.recipe import Recipe
 from flux2lab.quality.grid import comparison_grid
 from flux2lab.zoo import yardstick  # noqa: F401 (registers the metric "yardstick" that comparisons on mini use)
 
-# What a comparison measures unless told otherwise (compare, the demo and the report use this list).
+# What a comparison measures unless told otherwise on any model (compare, the demo and the report use this list);
+# `default_metrics` adds the model's own.
 DEFAULT_METRICS = ("lpips", "psnr", "ssim", "fid", "clip")
+
+
+def default_metrics(model: str) -> tuple[str, ...]:
+    """What a comparison on `model` measures unless told otherwise: DEFAULT_METRICS, and on `mini` its yardstick
+    (attribute accuracy and domain FID against the captions: the quality truth of the mini world)."""
+    return DEFAULT_METRICS + (("yardstick",) if model == "mini" else ())
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Comparison:
     generations: tuple[Generation, Generation]  # A's and B's images with their records
     metrics: dict[str, MetricResult]
     generated: tuple[int, int]  # images newly made for A and B (the rest came from the cache)
+    skipped_metrics: dict[str, str] = field(default_factory=dict)  # metrics asked for but not measured: why
 
     def write(self, out: str | Path) -> dict[str, Path]:
         """Images, metrics.json, per_prompt.csv and grid.png under `out`."""
@@ -55,6 +64,7 @@ class Comparison:
             "seconds_per_image": {side: gen.mean_wall_s for side, gen in zip("ab", self.generations)},
             "skipped_fraction_b": self.generations[1].skipped_fraction,
             "generated": {"a": self.generated[0], "b": self.generated[1]},
+            "skipped_metrics": self.skipped_metrics,
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         per_image = {k: v.per_image for k, v in self.metrics.items() if v.per_image is not None}
@@ -72,12 +82,13 @@ def compare(
     model: str, a: Recipe, b: Recipe, entries: list[PromptEntry], seeds: list[int],
     weights: dict[str, Path | None], cache_dir: str | Path, *, labels: tuple[str, str] = ("A", "B"),
     device: str | None = None, dtype: torch.dtype | None = None, options: MetricOptions | None = None,
-    progress: bool = True,
+    progress: bool = True, skipped_metrics: Mapping[str, str] | None = None,
 ) -> Comparison:
     """Generate A and B for every prompt and seed (reusing cached images), then measure B against A.
 
     A recipe that rewrites the model (precision, compile...) needs its own pipeline; the first is freed
-    before the second is loaded, so two copies of a large model never share the GPU.
+    before the second is loaded, so two copies of a large model never share the GPU. `skipped_metrics`
+    ({metric: why}, e.g. `check_weights(...).skipped`) is written to metrics.json beside the measured ones.
     """
     cache = ImageCache(cache_dir)
     prompts = [e.prompt for e in entries]
@@ -93,5 +104,5 @@ def compare(
     return Comparison(
         model=model, revision=info.revision, recipes=(a, b), labels=labels, entries=entries, seeds=seeds,
         generations=(gen_a, gen_b), metrics=metrics,
-        generated=(new_a, new_b),
+        generated=(new_a, new_b), skipped_metrics=dict(skipped_metrics or {}),
     )

@@ -24,7 +24,9 @@ from flux2lab.reporting.sections.speed import speed_section
 def build(experiments: str | Path | None, *, bench_dirs: Sequence[str | Path] = (), storages: Sequence[str] = (),
           title: str | None = None, command: str | None = None) -> Report:
     """Scan the folder(s) and make a section for each kind found, in the order of the data flow (calibration,
-    search, quality, frozen configs and runs, speed), then provenance."""
+    search, quality, frozen configs and runs, speed), then provenance. A storage given in `storages` must open
+    (a studies.db found in the folder that cannot be read is reported in the search section instead)."""
+    _check_storages(storages)
     found = discover(experiments, bench_dirs, storages)
     if found.empty:
         where = experiments if experiments is not None else "the --bench folders"
@@ -50,3 +52,12 @@ def build(experiments: str | Path | None, *, bench_dirs: Sequence[str | Path] = 
     return Report(title or f"flux2lab report: {Path(source).name or source}", source,
                   datetime.now(timezone.utc).isoformat(timespec="seconds"), sections)
 
+
+def _check_storages(urls: Sequence[str]) -> None:
+    from flux2lab import study as st
+
+    for url in urls:
+        try:
+            st.study_names(st.open_storage(url))
+        except Flux2LabError as e:
+            raise Flux2LabError(f"--storage: {e}") from None

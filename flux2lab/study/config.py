@@ -1,11 +1,13 @@
-"""What a study is: its model, prompts and seeds, base recipe, search space, sampler and objectives, stored in
-the study itself so every worker and a later freeze read the same definition."""
+"""What a study is: its model, prompts and seeds, base recipe, calibration, search space (step-cache methods and
+their settings), sampler and objectives, stored in the study itself so every worker and a later freeze read the
+same definition."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,14 +16,16 @@ import optuna
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.common.values import is_int
 from flux2lab.pipeline.recipe import Recipe
-from flux2lab.study.space import SearchSpace, build_space, read_grid_file
+from flux2lab.study.space import SearchSpace, build_space, read_grid_file, recipe_for
 
 if TYPE_CHECKING:
     from flux2lab.pipeline.prompts import PromptEntry
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 1: TeaCache alone (threshold, ret_steps, ... as the grid's own parameters)
 QUALITY_METRICS = {"lpips": "minimize", "psnr": "maximize", "ssim": "maximize"}  # usable as objective/budget
-SPEED_METRICS = {"time": ("time_per_image", "minimize"), "skipped": ("skipped_fraction", "maximize")}
+# Speed objectives: the trial attribute and its direction. "computed" is the fraction of the transformer's block
+# stack that really ran (steadier than time where timings are noisy, e.g. a busy CPU).
+SPEED_METRICS = {"time": ("time_per_image", "minimize"), "computed": ("computed_fraction", "minimize")}
 
 
 @dataclass(frozen=True)
@@ -30,14 +34,16 @@ class StudyConfig:
 
     model: str
     prompts: tuple[dict, ...]  # {"id", "text", "images", "seed"}
-    base_recipe: dict  # Recipe.to_dict(), TeaCache off, coefficients set
-    space: dict[str, list]
+    base_recipe: dict  # Recipe.to_dict(), cache none: each trial sets its point's method and settings
+    space: dict  # SearchSpace.to_dict()
     sampler: str = "grid"  # grid | tpe
     n_trials: int | None = None  # TPE only
     sampler_seed: int = 0
     quality_metric: str = "ssim"
     speed_metric: str = "time"
-    calibration: dict | None = None  # frozen.calibration_record of the fit, None = published coefficients
+    # frozen.calibration_record of the fit: TeaCache's coefficients, MagCache's ratios where the fit has them.
+    # None: the published FLUX.2 [dev] coefficients, and no MagCache.
+    calibration: dict | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -54,9 +60,17 @@ class StudyConfig:
     def base(self) -> Recipe:
         return Recipe.from_dict(self.base_recipe, source="study base recipe")
 
-    @property
+    @cached_property
     def search_space(self) -> SearchSpace:
-        return SearchSpace({k: tuple(v) for k, v in self.space.items()})
+        return SearchSpace.from_dict(self.space)
+
+    def recipe_for(self, point: Mapping[str, Any]) -> Recipe:
+        """The recipe of a point of this study's space, with the study's calibration."""
+        return recipe_for(self.base, point, self.calibration)
+
+    def trial_point(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+        """The point (method and settings) a trial ran, decoded from its parameters."""
+        return self.search_space.decode(trial.params)
 
     @property
     def directions(self) -> list[str]:
@@ -72,6 +86,10 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
+        if data.get("version") == 1:
+            raise Flux2LabError("this study was made by an older flux2lab that searched TeaCache alone (study "
+                                "configuration version 1); this one searches every step cache and cannot resume, "
+                                "show or freeze it. Start a new study under another --study name.")
         if data.get("version") != CONFIG_VERSION:
             raise Flux2LabError(f"study configuration version {data.get('version')!r} is not supported by this "
                                 f"flux2lab (it reads {CONFIG_VERSION}).")
@@ -80,7 +98,7 @@ class StudyConfig:
     def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
         """GridSampler with the study's seed (every worker must see the same grid order); TPE seeded per worker."""
         if self.sampler == "grid":
-            return optuna.samplers.GridSampler(self.space, seed=self.sampler_seed)
+            return optuna.samplers.GridSampler(self.search_space.grid(), seed=self.sampler_seed)
         return optuna.samplers.TPESampler(seed=self.sampler_seed if seed is None else seed)
 
 
@@ -93,14 +111,17 @@ def prompt_records(entries: Sequence[PromptEntry], seeds: Sequence[int]) -> tupl
 def make_config(*, model: str, prompts: Path | None, weights: Mapping[str, Any], seed: int | None = None,
                 recipe: Path | None = None, overrides: Mapping[str, Any] | None = None,
                 calibration: Path | None = None, grid: Path | None = None,
-                flags: Mapping[str, str | None] | None = None, sampler: str | None = None,
+                flags: Mapping[str, str | None] | None = None, methods: str | Sequence[str] | None = None,
+                space_overrides: Sequence[str] = (), sampler: str | None = None,
                 n_trials: int | None = None, sampler_seed: int | None = None, quality_metric: str | None = None,
                 speed_metric: str | None = None) -> StudyConfig:
     """A new study's configuration from the search command's options (None: the default).
 
-    The base recipe is `recipe` (plain BF16 without) with `overrides` (steps, height, width) and the
-    coefficients of the `calibration` fit (the published ones without), TeaCache off; the space merges `grid`
-    with the comma-separated `flags` (see `build_space`). Quality metric "auto": LPIPS where `weights` has it.
+    The base recipe is `recipe` (plain BF16 without) with `overrides` (steps, height, width) and no cache; the
+    `calibration` fit's TeaCache coefficients and MagCache ratios are recorded for the trials (`recipe_for`). The
+    space holds the `methods` (default: every one that can run), their values merged from the defaults, `grid`,
+    the comma-separated `flags` and the `space_overrides` (see `build_space`). Quality metric "auto": LPIPS where
+    `weights` has it.
     """
     from flux2lab.pipeline.frozen import calibration_record
     from flux2lab.pipeline.presets import coefficients_from_fit
@@ -114,14 +135,16 @@ def make_config(*, model: str, prompts: Path | None, weights: Mapping[str, Any],
     entries = load_prompts(prompts)
     seeds = seeds_for(entries, seed or 0)
     base = Recipe.load(recipe) if recipe else Recipe()
-    base = base.replace(**overrides) if overrides else base
+    base = (base.replace(**overrides) if overrides else base).replace(cache={"method": "none"})
+    if speed_metric == "computed" and base.cuda_graphs:
+        raise Flux2LabError("--speed-metric computed counts the blocks that run, which CUDA graphs replay unseen; "
+                            "use --speed-metric time, or a base recipe without cuda_graphs.")
     record = None
     if calibration is not None:
-        coefficients = coefficients_from_fit(calibration)
-        record = calibration_record(calibration, coefficients)
-        base = base.replace(teacache={"coefficients": coefficients})
-    base = base.replace(teacache={"enabled": False})
-    space = build_space(base, read_grid_file(grid) if grid else None, str(grid), flags=flags)
+        record = calibration_record(calibration, coefficients_from_fit(calibration),
+                                    mag_ratios=_mag_ratios(calibration))
+    space = build_space(base, read_grid_file(grid) if grid else None, str(grid), flags=flags, methods=methods,
+                        overrides=space_overrides, calibration=record)
     quality = quality_metric or "auto"
     if quality == "auto":
         quality = "lpips" if "lpips" in weights else "ssim"
@@ -131,3 +154,11 @@ def make_config(*, model: str, prompts: Path | None, weights: Mapping[str, Any],
         sampler=sampler or "grid", n_trials=n_trials, sampler_seed=sampler_seed or 0,
         quality_metric=quality, speed_metric=speed_metric or "time",
     )
+
+
+def _mag_ratios(fit: Path) -> list[float] | None:
+    """MagCache's magnitude ratios recorded beside a calibration fit; None where there are none (a calibration made
+    before calibrate recorded them): MagCache is then not searched. Ratios there that cannot be read are an error."""
+    from flux2lab.calibration import MAG_RATIOS, mag_ratios_from_fit
+
+    return mag_ratios_from_fit(fit) if (Path(fit).parent / MAG_RATIOS).is_file() else None

@@ -14,7 +14,6 @@ from flux2lab.common.errors import Flux2LabError
 from flux2lab.pipeline.recipe import Recipe
 from flux2lab.study.config import SPEED_METRICS, StudyConfig
 from flux2lab.study.recovery import duplicate_of, this_worker
-from flux2lab.study.space import recipe_for
 
 
 def trial_weights(paths: Mapping[str, str | Path], *, device: str | None, skip_missing: bool,
@@ -92,7 +91,7 @@ class TrialRunner:
         prompts, seeds = self.prompts()
         # One untimed one-step image (generate applies the recipe's model changes first): first-call costs
         # (allocation, kernels, compilation) stay out of timings.
-        core.generate(pipe, prompts[:1], seeds[:1], recipe.replace(steps=1, teacache={"enabled": False}))
+        core.generate(pipe, prompts[:1], seeds[:1], recipe.replace(steps=1, cache={"method": "none"}))
         self.pipes.append(pipe)
         return pipe
 
@@ -125,7 +124,9 @@ class TrialRunner:
     # -- one trial
 
     def measure(self, recipe: Recipe) -> dict[str, Any]:
-        """Generate the prompt set with `recipe` and score it; the user attributes of the trial."""
+        """Generate the prompt set with `recipe` and score it; the user attributes of the trial. Speed is both
+        the time per image and the fraction of the block stack that really ran (`Generation.computed_fraction`:
+        what a cache skipped, whatever its method; None where nothing could count it)."""
         from flux2lab import metrics
         from flux2lab.pipeline import core
         from flux2lab.pipeline.models import model_info
@@ -146,7 +147,7 @@ class TrialRunner:
         info = model_info(pipe)
         return {
             "recipe": recipe.to_dict(), "metrics": values, "time_per_image": time_per_image,
-            "skipped_fraction": gen.skipped_fraction, "ref_time_per_image": self.ref_time,
+            "computed_fraction": gen.computed_fraction, "ref_time_per_image": self.ref_time,
             "speedup": self.ref_time / time_per_image if time_per_image > 0 else None,
             "model": {"source": info.source, "kind": info.kind, "revision": info.revision},
             "device": str(pipe.transformer.device),
@@ -154,13 +155,14 @@ class TrialRunner:
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", self.worker)
-        params = self.config.search_space.suggest(trial, self.config.sampler)
+        point = self.config.search_space.suggest(trial, self.config.sampler)
+        trial.set_user_attr("point", point)  # method and settings (a grid trial's one parameter is an index)
         owner = duplicate_of(self.study, trial.number)
         if owner is not None:
             trial.set_user_attr("duplicate_of", owner)
             raise optuna.TrialPruned(f"grid point already taken by trial {owner}")
         try:
-            attrs = self.measure(recipe_for(self.config.base, params))
+            attrs = self.measure(self.config.recipe_for(point))
             values = objective_values(self.config, attrs)
         except Exception as e:
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
@@ -172,6 +174,9 @@ class TrialRunner:
 
 def objective_values(config: StudyConfig, attrs: Mapping[str, Any]) -> tuple[float, float]:
     speed = attrs[SPEED_METRICS[config.speed_metric][0]]
+    if speed is None:
+        raise Flux2LabError(f"this trial's {SPEED_METRICS[config.speed_metric][0]} was not measured (blocks replayed "
+                            "by CUDA graphs cannot be counted); use --speed-metric time.")
     quality = attrs["metrics"].get(config.quality_metric)
     if quality is None:
         raise Flux2LabError(f"this worker did not measure {config.quality_metric}, the study's quality objective.")

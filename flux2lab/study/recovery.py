@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from flux2lab.study.config import StudyConfig
+from flux2lab.study.space import describe_point
 from flux2lab.study.storage import GRACE_S
 
 ASSIGN_WAIT_S = 10.0  # how long a new trial waits for lower-numbered ones to get their grid point
@@ -145,7 +146,7 @@ def _orphaned(t: FrozenTrial) -> bool:
     return "worker" not in t.user_attrs and (datetime.now() - started).total_seconds() > GRACE_S
 
 
-def _fail_dead_trials(study: optuna.Study, notify: Callable[[str], None]) -> None:
+def _fail_dead_trials(study: optuna.Study, config: StudyConfig, notify: Callable[[str], None]) -> None:
     """RUNNING trials whose worker process on this machine is gone (or that were orphaned before their worker
     recorded itself) become FAIL without a reason, so they are retried. Heartbeats would notice only after
     GRACE_S (and never for an orphan without one); the process id shows a worker on this machine died at once."""
@@ -161,14 +162,14 @@ def _fail_dead_trials(study: optuna.Study, notify: Callable[[str], None]) -> Non
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished, or failed by another worker, meanwhile
-        notify(f"trial {t.number} {dict(t.params)} was interrupted ({why}); it will be redone.")
+        notify(f"trial {t.number} ({describe_point(config.trial_point(t))}) was interrupted ({why}); it will be redone.")
 
 
 def recover(study: optuna.Study, config: StudyConfig, *, retry_failed: bool = False,
             notify: Callable[[str], None] = lambda _: None) -> None:
     """Fail the RUNNING trials of dead workers, then queue one retry per interrupted trial (and, with
     `retry_failed`, per trial that failed with a reason), unless its point is done or taken."""
-    _fail_dead_trials(study, notify)
+    _fail_dead_trials(study, config, notify)
     # Retries are queued below from the stored states, not by RetryHeartbeatStaleTrialCallback: that acts only on
     # the trials its own fail_stale_trials call fails (a worker dying in between loses the retry), copies the dead
     # worker's record into the copy, and knows neither trials failed by process id, taken points nor TPE budgets.

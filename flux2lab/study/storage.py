@@ -7,10 +7,12 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.files import prepare_output_dir
 from flux2lab.study.config import StudyConfig
 
 CONFIG_ATTR = "flux2lab"  # the study's user attribute holding its StudyConfig
@@ -23,8 +25,8 @@ SQLITE_TIMEOUT_S = 60
 
 
 def default_storage(experiments: str | Path) -> str:
-    path = Path(experiments).resolve() / "studies.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The SQLite file under the experiments folder (made now, so a path that cannot be one fails at once)."""
+    path = prepare_output_dir(Path(experiments).resolve(), "--experiments") / "studies.db"
     return f"sqlite:///{path}"
 
 
@@ -56,7 +58,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                                                  grace_period=GRACE_S)
     # A bad URL, a missing driver, an unreachable server, an unwritable file, a newer schema: all the user's to fix.
     except (SQLAlchemyError, ImportError, RuntimeError, ValueError) as e:
-        raise Flux2LabError(f"cannot open the study storage {display_url(url)}: {type(e).__name__}: {e}. Give a "
+        detail = getattr(e, "orig", None) or e  # the driver's own words, without SQLAlchemy's help links
+        raise Flux2LabError(f"cannot open the study storage {display_url(url)}: {type(e).__name__}: {detail}. Give a "
                             "SQLAlchemy URL such as sqlite:///experiments/studies.db or "
                             "postgresql://user@host/db.") from None
     if is_sqlite:
@@ -82,7 +85,10 @@ def load_study(name: str, storage: optuna.storages.BaseStorage, sampler=None) ->
     if data is None:
         raise Flux2LabError(f"study {name!r} was not made by python -m flux2lab.search (it has no flux2lab "
                             "configuration); choose another --study name.")
-    config = StudyConfig.from_dict(data)
+    try:
+        config = StudyConfig.from_dict(data)
+    except Flux2LabError as e:
+        raise Flux2LabError(f"study {name!r}: {e}") from None
     if sampler is None:
         study.sampler = config.make_sampler()
     return study, config
@@ -104,9 +110,23 @@ def create_or_load(name: str, storage: optuna.storages.BaseStorage,
             time.sleep(POLL_S)  # another process created it a moment ago; let it store its configuration
     study, stored = load_study(name, storage)
     if config is not None and config.to_dict() != stored.to_dict():
-        a, b = stored.to_dict(), config.to_dict()
-        diff = ", ".join(f"{k} (study: {json.dumps(a[k])[:80]}; now: {json.dumps(b[k])[:80]})"
-                         for k in a if a[k] != b.get(k))
-        raise Flux2LabError(f"study {name!r} already exists with other settings: {diff}. Rerun with the options it "
+        changed = changed_fields(stored.to_dict(), config.to_dict())
+        diff = "; ".join(f"{field} (study: {json.dumps(a)[:SHOWN]}, now: {json.dumps(b)[:SHOWN]})"
+                         for field, a, b in changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise Flux2LabError(f"study {name!r} already exists with other settings: {diff}.\nRerun with the options it "
                             f"was made with, give only --study {name} to resume it as it is, or pick a new --study.")
     return study, stored
+
+
+SHOWN = 60  # characters of a changed value in the message
+
+
+def changed_fields(old: Any, new: Any, field: str = "") -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) for every field that differs, nested ones named like `base_recipe.steps` or
+    `prompts.0.seed` (lists of the same length are compared item by item)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = dict.fromkeys([*old, *new])
+        return [c for k in keys for c in changed_fields(old.get(k), new.get(k), f"{field}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in changed_fields(a, b, f"{field}{i}.")]
+    return [] if old == new else [(field.rstrip("."), old, new)]

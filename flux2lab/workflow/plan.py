@@ -1,4 +1,5 @@
-"""The demo's plan: how much work each stage does, its prompt sets, its output folder, its search grid.
+"""The demo's plan: how much work each stage does, its prompt sets, its output folder, its search space (across
+cache methods).
 
 `python -m flux2lab.demo` runs the stages; this module decides what they run on, so the choices can be read
 (and tested) apart from the running.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,23 +33,34 @@ class Plan:
     search_prompts: int
     quality_prompts: int
     run_prompts: int
-    threshold_multiples: tuple[float, ...]  # search thresholds, as multiples of the fit's lowest rescaled step
-    ret_steps_fractions: tuple[float, ...]  # search ret_steps, as fractions of the steps
+    threshold_multiples: tuple[float, ...]  # TeaCache's thresholds, as multiples of the fit's lowest rescaled step
+    ret_steps_fractions: tuple[float, ...]  # TeaCache's ret_steps, as fractions of the steps
+    # The search's methods (teacache first) and their values besides TeaCache's thresholds and ret_steps, as
+    # `--space METHOD.SETTING=V1,V2` gives them (unlisted settings take the search's defaults).
+    cache_space: Mapping[str, Mapping[str, tuple]]
     bench_reps: int
     bench_warmup: int
 
 
+# Eight points across three methods: TeaCache at two thresholds with and without its residual extrapolation,
+# TaylorSeer at two intervals (whole blocks), SeaCache at two thresholds (up to 4 cached steps in a row).
+CROSS_METHOD = {"teacache": {"residual_order": (0, 1)},
+                "taylorseer": {"cache_interval": (3, 5), "use_lite_mode": (True,)},
+                "seacache": {"threshold": (0.5, 1.0), "max_consecutive_cached": (4,)}}
 PLANS = {
     # The built-in models on a CPU: every stage real, small enough for a few minutes on 2 cores.
     "builtin": Plan(steps=30, size=None, calibration_prompts=24, search_prompts=6, quality_prompts=16,
-                    run_prompts=4, threshold_multiples=(0.5, 1.5, 2.5, 3.5), ret_steps_fractions=(0.1, 0.2),
-                    bench_reps=3, bench_warmup=1),
+                    run_prompts=4, threshold_multiples=(1.5, 3.5), ret_steps_fractions=(0.1,),
+                    cache_space=CROSS_METHOD, bench_reps=3, bench_warmup=1),
     # --quick (the test suite): the same path with the least work that still fills every report section.
     "quick": Plan(steps=6, size=32, calibration_prompts=6, search_prompts=2, quality_prompts=3, run_prompts=2,
-                  threshold_multiples=(0.5, 2.5), ret_steps_fractions=(0.2,), bench_reps=1, bench_warmup=1),
+                  threshold_multiples=(0.5, 2.5), ret_steps_fractions=(0.2,),
+                  cache_space={"teacache": {"residual_order": (0,)}, "taylorseer": {"cache_interval": (3,)},
+                               "seacache": {"threshold": (0.5,), "max_consecutive_cached": (2,)}},
+                  bench_reps=1, bench_warmup=1),
     # FLUX.2 [dev] on a GPU: NVIDIA's setting (50 steps, 1024x1024), enough prompts for the numbers to mean something.
     "full": Plan(steps=50, size=None, calibration_prompts=24, search_prompts=6, quality_prompts=16, run_prompts=4,
-                 threshold_multiples=(0.5, 1.5, 2.5, 3.5), ret_steps_fractions=(0.1, 0.2), bench_reps=3,
+                 threshold_multiples=(1.5, 3.5), ret_steps_fractions=(0.1,), cache_space=CROSS_METHOD, bench_reps=3,
                  bench_warmup=1),
 }
 # Quality budgets for the freeze, on the study's quality objective.
@@ -129,6 +141,12 @@ def thresholds_from_fit(fit: dict[str, Any], multiples: Sequence[float]) -> list
 
     floor = fit["skip_limits"]["floor"]
     if floor <= 0:  # the curve reaches 0: the fit bounds nothing; use the usual grid
-        return default_space(50)["threshold"][: len(multiples)]
+        return default_space(50)["teacache"]["threshold"][: len(multiples)]
     return sorted({float(f"{m * floor:.3g}") for m in multiples})
 
+
+
+def space_flags(plan: Plan) -> list[str]:
+    """The plan's `cache_space` as the search command's `--space METHOD.SETTING=V1,V2` values."""
+    return [f"{method}.{name}=" + ",".join(json.dumps(v) for v in values)
+            for method, settings in plan.cache_space.items() for name, values in settings.items()]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from flux2lab.cli import add_model_args, command_parser, run_main, shape_overrides
+from flux2lab.cli import add_model_args, command_parser, positive_int, run_main, seed_int, shape_overrides
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.pipeline.core import Generation, ImageRecord, Prompt, applied_recipe, apply, generate, resolution
 from flux2lab.pipeline.models import model_info
@@ -215,12 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--recipe", help=f"recipe to evaluate (default: plain BF16, 50 steps): {PRESET_HELP}")
     p.add_argument("--baseline", help="recipe to compare against (same model, prompts, seeds), as --recipe")
-    p.add_argument("--steps", type=int, help="denoising steps (overrides both recipes)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps (overrides both recipes)")
     p.add_argument("--n", type=int, default=200, help="held-out captions")
-    p.add_argument("--seed", type=int, default=0, help="first caption/seed index")
+    p.add_argument("--seed", type=seed_int, default=0, help="first caption/seed index")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=1,
         help="images per pipeline call; >1 is faster on a GPU, not allowed with TeaCache",
     )
@@ -238,10 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flux2lab.pipeline.models import load_pipeline
+    from flux2lab.common.files import check_output_file, check_weight_file
+    from flux2lab.pipeline.models import check_source, load_pipeline
 
     if args.n < 2:
         raise Flux2LabError("--n must be at least 2 (domain FID needs two images).")
+    check_source(args.model)
+    if args.lpips_weights is not None:
+        check_weight_file(args.lpips_weights, "--lpips-weights")
+    if args.out is not None:
+        check_output_file(args.out, "--out")
 
     def recipe_of(spec: str | None) -> Recipe:
         r = resolve_recipe(spec) if spec else Recipe()
@@ -280,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v:.4g}" for k, v in results["comparison"].items() if isinstance(v, float))
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": args.model, "seed": args.seed, **results}, indent=2) + "\n")
         print(f"written: {args.out}")
     return 0

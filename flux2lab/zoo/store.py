@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flux2lab.common.errors import Flux2LabError
@@ -55,8 +55,12 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise missing_error(path)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise Flux2LabError(f"{path} is not a safetensors weight file ({e}); give a file written by "
+                            "flux2lab.zoo (or the folder holding them).") from None
     if "config" not in meta:
         raise Flux2LabError(f"{path} has no config in its metadata; it was not written by flux2lab.zoo.")
     return json.loads(meta["config"])

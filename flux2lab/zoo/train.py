@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from flux2lab.cli import command_parser, run_main
+from flux2lab.cli import command_parser, device_name, positive_float, positive_int, run_main, seed_int
 from flux2lab.common.errors import Flux2LabError
+from flux2lab.common.files import prepare_output_dir
 from flux2lab.zoo import mini, store, world, yardstick
 
 # Shares of --budget-s per phase; the transformer gets what the others leave.
@@ -359,21 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budget-s",
-        type=float,
+        type=positive_float,
         default=390.0,
         help="wall-clock seconds for training, all phases; evaluation comes on top",
     )
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if present)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the text encoder and the training images")
+    p.add_argument("--device", type=device_name, default=None, help="cuda | cpu (default: cuda if present)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the weights, the text encoder and the training images")
     p.add_argument("--smoke", action="store_true", help="tiny networks and batches: checks the code on a CPU")
-    p.add_argument("--max-steps", type=int, help="cap on optimisation steps per phase (tests)")
-    p.add_argument("--batch", type=int, help="transformer batch size (default: 256; smoke 4)")
-    p.add_argument("--captions", type=int, help="distinct training captions (default: 30000; smoke 32)")
-    p.add_argument("--renders", type=int, help="renders (jitter variants) per training caption (default: 4)")
+    p.add_argument("--max-steps", type=positive_int, help="cap on optimisation steps per phase (tests)")
+    p.add_argument("--batch", type=positive_int, help="transformer batch size (default: 256; smoke 4)")
+    p.add_argument("--captions", type=positive_int, help="distinct training captions (default: 30000; smoke 32)")
+    p.add_argument("--renders", type=positive_int, help="renders (jitter variants) per training caption (default: 4)")
     p.add_argument(
         "--eval-n", type=int, default=200, help="held-out captions to score at the end"
     )
-    p.add_argument("--eval-steps", type=int, default=50, help="sampling steps for that score")
+    p.add_argument("--eval-steps", type=positive_int, default=50, help="sampling steps for that score")
     p.add_argument("--no-eval", action="store_true", help="skip the final scoring")
     p.add_argument(
         "--resume",
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.eval_n < 2 and not args.no_eval:
         raise Flux2LabError("--eval-n must be at least 2 (domain FID needs two images), or pass --no-eval.")
+    prepare_output_dir(args.out, "--out")
     size = "smoke" if args.smoke else "mini"
     cfg, hp = mini.SIZES[size], dict(HPARAMS[size])
     hp.update({k: getattr(args, k) for k in ("batch", "captions", "renders") if getattr(args, k) is not None})
@@ -403,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(args.max_steps)
     torch.manual_seed(args.seed)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
 
     report: dict = {
         "size": size,

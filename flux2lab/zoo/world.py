@@ -297,7 +297,8 @@ def write_prompts(path, n: int, seed: int = 0, split: str = "heldout") -> list[S
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flux2lab.cli import command_parser
+    from flux2lab.cli import command_parser, seed_int
+    from flux2lab.common.files import check_output_file
 
     p = command_parser(
         "zoo.world",
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.add_argument("--n", type=int, default=50, help="number of prompts")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i gets seed SEED+i")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed; prompt i gets seed SEED+i")
     p.add_argument(
         "--split",
         default="heldout",
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n < 1:
         raise Flux2LabError("--n must be at least 1.")
+    check_output_file(args.out, "--out")
     write_prompts(args.out, args.n, args.seed, args.split)
     print(f"{args.n} {args.split} captions written to {args.out}")
     return 0

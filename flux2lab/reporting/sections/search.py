@@ -1,4 +1,5 @@
-"""The search section: each Optuna study's grid, Pareto plot and every trial, with the frozen trial marked.
+"""The search section: each Optuna study's space (methods and settings), its one Pareto front across the methods
+(the search's own figure, frozen trials starred), every trial with its method and settings, and the winner.
 
 Reads the studies in every storage found (`studies.db` under the experiments folder, or `--storage` URLs) through
 `flux2lab.study`, and the frozen configs' provenance to know which trial was frozen into which file.
@@ -6,7 +7,6 @@ Reads the studies in every storage found (`studies.db` under the experiments fol
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,6 @@ from typing import Any
 from flux2lab.common.errors import Flux2LabError
 from flux2lab.common.formatting import fmt_number, fmt_percent
 from flux2lab.reporting.document import (
-    METRIC_INFO,
     TRIAL_METRICS,
     Figure,
     Heading,
@@ -77,105 +76,78 @@ def load_studies(urls: Sequence[str], frozen: Sequence[Path], root: Path | None)
 
 
 def pareto_figure(s: LoadedStudy) -> Figure | None:
-    """Speed against every quality metric, Pareto front joined, frozen trials starred.
+    """The search's Pareto figure (flux2lab.study.pareto_figure) with the frozen trials starred."""
+    from flux2lab.study import pareto_figure as draw
 
-    Drawn here rather than by flux2lab.study.plot_pareto because the report marks which point was frozen."""
-    from matplotlib.figure import Figure as MplFigure
-    from optuna.trial import TrialState
-
-    from flux2lab.study import SPEED_METRICS, measured_metrics
-
-    done = [t for t in s.trials if t.state == TrialState.COMPLETE]
-    names = measured_metrics(done, TRIAL_METRICS)
-    if not done or not names:
+    fig = draw(s.name, s.trials, s.config, s.front, frozen=set(s.frozen), metrics=TRIAL_METRICS)
+    if fig is None:
         return None
-    speed_attr = SPEED_METRICS[s.config.speed_metric][0]
-    by_time = s.config.speed_metric == "time"
-    xlabel = "time per image (s), lower is faster" if by_time else "steps skipped (%), higher is faster"
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig = MplFigure(figsize=(4.6 * cols, 3.9 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, name in zip(axes, names):
-        pts = []
-        for t in done:
-            v = (t.user_attrs.get("metrics") or {}).get(name)
-            if v is not None and math.isfinite(float(v)):
-                x = float(t.user_attrs[speed_attr]) * (1 if by_time else 100)
-                pts.append((x, float(v), t.number))
-        hidden = sum(1 for t in done if name in (t.user_attrs.get("metrics") or {})) - len(pts)
-        rest = [p for p in pts if p[2] not in s.front]
-        best = sorted(p for p in pts if p[2] in s.front)
-        ax.scatter([p[0] for p in rest], [p[1] for p in rest], c="0.6", s=22, label="trial")
-        ax.plot([p[0] for p in best], [p[1] for p in best], "o-", c="tab:red", ms=6, label="Pareto front")
-        for x, y, n in pts:
-            ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
-        stars = [p for p in pts if p[2] in s.frozen]
-        if stars:
-            ax.scatter([p[0] for p in stars], [p[1] for p in stars], marker="*", s=320, c="gold",
-                       edgecolors="black", linewidths=1, zorder=5, label="frozen")
-        label, better = METRIC_INFO.get(name, (name, ""))
-        ax.set_xlabel(xlabel, fontsize=10)
-        ax.set_ylabel(f"{label}\nvs uncached reference", fontsize=10)
-        title = name + (" (objective)" if name == s.config.quality_metric else "") + f": {better.split(';')[0]}"
-        if hidden:
-            title += f"\n{hidden} trial(s) identical to the reference (inf) not drawn"
-        ax.set_title(title, fontsize=10)
-        ax.ticklabel_format(axis="y", useOffset=False)  # SSIM 0.99996 reads as such, not as an offset
-        ax.grid(alpha=0.3)
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=9)
-    fig.suptitle(f"study {s.name}: {s.config.model}, {len(done)} complete trials", fontsize=12)
-    fig.tight_layout()
     caption = (f"Study {s.name}: speed against each quality metric (measured against the uncached reference on the "
-               "same prompts and seeds). Red: the Pareto front of the study's two objectives; gold star: the trial "
-               "that was frozen; numbers are trial numbers.")
+               "same prompts and seeds), one colour per cache method. Black line: the Pareto front of the study's "
+               "two objectives across every method (numbers are trial numbers); gold star: the trial that was "
+               "frozen.")
     return figure_from_matplotlib(fig, caption, f"search-{slug(s.name)}-pareto")
+
+
+def _space_text(space: dict) -> str:
+    methods = "; ".join(f"{m} " + " x ".join(f"{k} {v}" for k, v in settings.items())
+                        for m, settings in space["methods"].items())
+    precisions = space.get("transformer_precision")
+    return methods + (f"; transformer precision {precisions}" if precisions else "")
+
+
+def _calibration_text(c) -> str:
+    cal = c.calibration
+    if not cal:
+        return "Calibration: none (TeaCache with the published FLUX.2 [dev] coefficients; no MagCache)."
+    used = ", ".join(n for k, n in (("coefficients", "TeaCache coefficients"), ("mag_ratios", "MagCache ratios"))
+                     if cal.get(k))
+    return f"Calibration: fit {cal['path']} (sha256 {cal['sha256'][:12]}): {used}."
 
 
 def search_section(studies: Sequence[LoadedStudy], problems: Sequence[str]) -> Section:
     from optuna.trial import TrialState
 
-    from flux2lab.study import measured_metrics
+    from flux2lab.study import describe_point, measured_metrics, settings_text
 
-    sec = Section("search", "Search: TeaCache settings against quality")
+    sec = Section("search", "Search: step caches against quality")
     for s in studies:
         c = s.config
-        space = ", ".join(f"{k} {v}" for k, v in c.space.items())
-        speed = "time per image" if c.speed_metric == "time" else "fraction of steps skipped"
+        speed = "time per image" if c.speed_metric == "time" else "fraction of the block stack computed"
         sec.blocks.append(Heading(f"Study {s.name} — model {c.model}, {len(c.prompts)} prompts"))
-        sec.blocks.append(Text(f"Grid: {space} ({c.sampler} sampler). Objectives: {speed} and {c.quality_metric}. "
-                               f"Base recipe: {describe_recipe(c.base_recipe)}. Coefficients: "
-                               + (f"calibration fit {c.calibration['path']} (sha256 "
-                                  f"{c.calibration['sha256'][:12]})" if c.calibration
-                                  else "published FLUX.2 [dev] (NVIDIA)") + "."))
+        sec.blocks.append(Text(f"Space: {_space_text(c.space)} ({c.sampler} sampler). Objectives: {speed} and "
+                               f"{c.quality_metric}. Base recipe: {describe_recipe(c.base_recipe)}. "
+                               + _calibration_text(c)))
         sec.blocks.append(Text(model_note(c.model)))
         fig = pareto_figure(s)
         if fig:
             sec.blocks.append(fig)
         metric_names = measured_metrics(s.trials, TRIAL_METRICS)
-        params = list(c.space)
         rows = []
         for t in sorted(s.trials, key=lambda t: t.number):
             a = t.user_attrs
+            point = c.trial_point(t) or {}
+            head = [str(t.number), point.get("method", "—"), settings_text(point) or "—"]
             if t.state == TrialState.COMPLETE:
                 m = a.get("metrics") or {}
                 mark = ("★ frozen" if t.number in s.frozen else "") + (" front" if t.number in s.front else "")
-                rows.append([str(t.number), *(str(t.params.get(p, "—")) for p in params), "complete",
-                             fmt_percent(a.get("skipped_fraction")), fmt_number(a.get("time_per_image"), ".3f"),
+                rows.append([*head, "complete",
+                             fmt_percent(a.get("computed_fraction")), fmt_number(a.get("time_per_image"), ".3f"),
                              fmt_number(a.get("speedup"), ".2f", "x"),
                              *(fmt_number(m.get(n), ".5g") for n in metric_names), mark.strip()])
             elif t.state == TrialState.FAIL:
                 reason = a.get("fail_reason") or a.get("interrupted") or "interrupted"
-                rows.append([str(t.number), *(str(t.params.get(p, "—")) for p in params), "failed",
-                             *(["—"] * (3 + len(metric_names))), reason[:120]])
+                rows.append([*head, "failed", *(["—"] * (3 + len(metric_names))), reason[:120]])
         sec.blocks.append(Table(
-            ["trial", *params, "state", "steps skipped", "s/image", "speedup", *metric_names, ""], rows,
-            "Every trial; speedup is over the uncached reference's time per image in the same worker."))
+            ["trial", "method", "settings", "state", "block stack computed", "s/image", "speedup", *metric_names, ""],
+            rows, "Every trial, every method; speedup is over the uncached reference's time per image in the same "
+                  "worker."))
         if s.frozen:
+            by_number = {t.number: t for t in s.trials}
             for number, paths in sorted(s.frozen.items()):
-                sec.blocks.append(Text(f"Trial {number} was frozen into {', '.join(paths)}."))
+                point = c.trial_point(by_number[number]) if number in by_number else None
+                sec.blocks.append(Text(f"Trial {number} was frozen into {', '.join(paths)}"
+                                       + (f": {describe_point(point)}." if point else ".")))
         else:
             sec.blocks.append(Text("No frozen config in this folder comes from this study."))
     for p in problems:
