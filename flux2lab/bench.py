@@ -3,10 +3,12 @@
     python -m flux2lab.bench --model full-random --reps 3 --timed-steps 10 --out reports/benchmarks/h100/  # H100
     python -m flux2lab.bench --model full-random --whole-pipeline --out reports/benchmarks/h200/  # + text enc, VAE
     python -m flux2lab.bench --model tiny --steps 4 --out /tmp/bench                      # CPU smoke run
+    python -m flux2lab.bench --model full-random --cache experiments/frozen/best.json --out reports/benchmarks/h200/
 
-Rungs: eager-bf16, compile, +cuda-graphs, +fp8 (Hopper/Ada) or +nvfp4 (Blackwell), +teacache, xN-gpus; each
-adds one acceleration to the rung below. Writes bench.json, bench.md and bench.png to --out (rewritten after
-every rung, so an interrupted run keeps what it measured). See flux2lab/benchmark/ for how it times.
+Rungs: eager-bf16, compile, +cuda-graphs, +fp8 (Hopper/Ada) or +nvfp4 (Blackwell), +teacache (or +cache: the step
+cache of --cache), xN-gpus; each adds one acceleration to the rung below. Writes bench.json, bench.md and
+bench.png to --out (rewritten after every rung, so an interrupted run keeps what it measured). See
+flux2lab/benchmark/ for how it times.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from flux2lab.cli import add_model_args, command_parser, run_main
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser(
         "bench",
-        description="Time the acceleration ladder (eager BF16 -> compile -> CUDA graphs -> FP8/NVFP4 -> TeaCache -> "
-                    "N GPUs) on one card, next to the card's arithmetic floor for one step.",
+        description="Time the acceleration ladder (eager BF16 -> compile -> CUDA graphs -> FP8/NVFP4 -> a step "
+                    "cache -> N GPUs) on one card, next to the card's arithmetic floor for one step.",
     )
     add_model_args(p)
     p.add_argument("--out", type=Path, required=True, help="output folder: bench.json, bench.md, bench.png")
@@ -43,14 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up images per rung")
     p.add_argument("--warmup-steps", type=int, default=3,
                    help="steps of a warm-up image: enough to compile and capture, shapes do not depend on the "
-                        "step count; TeaCache rungs warm up on the full schedule")
+                        "step count; cache rungs warm up on the full schedule")
     p.add_argument("--timed-steps", type=int,
                    help="run timed images of this many steps and extrapolate the per-image time to --steps "
-                        "(measured wall + remaining steps x median step); TeaCache rungs always time full images. "
+                        "(measured wall + remaining steps x median step); cache rungs always time full images. "
                         "Default: time full images")
+    p.add_argument("--cache", metavar="FROZEN.json|RECIPE.json|PRESET",
+                   help="time the rung +cache (instead of +teacache) with this step cache and its settings: the "
+                        "search's frozen point (its recorded computed fraction is replayed on random weights), a "
+                        "recipe file, or presets such as taylorseer=3, seacache=0.5, magcache@FIT.json")
     p.add_argument("--teacache-schedule", default="auto",
-                   help="auto (real decisions on real weights; on random weights replay NVIDIA's average, 16 of 50 "
-                        "steps skipped) | real | K/N (replay K skipped of every N steps) | K (K skipped steps)")
+                   help="which steps the cache rung skips (TeaCache, FirstBlockCache, SeaCache; TaylorSeer and "
+                        "MagCache follow their own schedules): auto (real decisions on real weights; on random "
+                        "weights the --cache frozen point's computed fraction, else for TeaCache NVIDIA's average "
+                        "of 16 of 50 steps, else the method's own decisions, marked) | real | K/N (replay K skipped of "
+                        "every N steps) | K (K skipped steps) | FIT.json:SAMPLES.csv (TeaCache's rule on a "
+                        "calibration's distances)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="do not time the step's GEMMs and attention (the floor)")
     p.add_argument("--whole-pipeline", action="store_true",
@@ -70,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flux2lab import parallel
     from flux2lab.benchmark import Bench, BenchConfig, console_lines, write_report
+    from flux2lab.common.files import prepare_output_dir
+    from flux2lab.pipeline.models import check_source
 
+    check_source(args.model)
+    prepare_output_dir(args.out, "--out")
     words = sys.argv[1:] if argv is None else argv
     env = parallel.init(args.device)
     world = env.world_size
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, device=str(env.device) if world > 1 else args.device, dtype=args.dtype,
         ladder=args.ladder, recipe=args.recipe, precision=args.precision, gpus=args.gpus, steps=args.steps,
         height=args.height, width=args.width, reps=args.reps, warmup=args.warmup, warmup_steps=args.warmup_steps,
-        timed_steps=args.timed_steps, teacache_schedule=args.teacache_schedule, floor=args.floor,
+        timed_steps=args.timed_steps, teacache_schedule=args.teacache_schedule, cache=args.cache, floor=args.floor,
         whole_pipeline=args.whole_pipeline, out=args.out,
         command=f"{launcher} flux2lab.bench {shlex.join(words)}",
     )

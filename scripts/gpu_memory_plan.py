@@ -128,6 +128,8 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     from flux2lab.pipeline.models import default_dtype
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = default_dtype(device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

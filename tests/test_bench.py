@@ -73,7 +73,7 @@ def test_tiny_ladder_runs_what_cpu_can_and_says_why_not_the_rest(tmp_path, no_ne
     assert (out / "x2-gpus" / "recipe.json").is_file(), "the printed torchrun command needs its recipe file"
     tc = rungs["+teacache"]
     if tc["status"] == "ok":  # once flux2lab.hooks.teacache can replay a schedule
-        assert tc["teacache"].startswith("replayed schedule: 1/4") and tc["skipped_steps"] == [2]
+        assert tc["cache_schedule"].startswith("replayed schedule: 1/4") and tc["skipped_steps"] == [2]
         assert tc["without"] == ["+cuda-graphs", "+fp8"] and tc["recipe"]["compile"] is True
         assert tc.get("reused_pipeline"), "a TeaCache-only change must not reload and recompile"
     else:
@@ -132,7 +132,7 @@ def test_user_errors_name_the_flag(tmp_path, capsys, args, message):
 def test_multi_gpu_recipe_runs_the_bench_under_torchrun(tmp_path, monkeypatch):
     """The launch and the merge, with gloo on CPU standing in for NCCL (Ulysses and TeaCache on 2 ranks)."""
     monkeypatch.setattr(runner, "visible_gpus", lambda device: 2)
-    recipe = Recipe(steps=4, ulysses_degree=2).replace(teacache={"enabled": True, "ret_steps": 1})
+    recipe = Recipe(steps=4, ulysses_degree=2).replace(cache={"method": "teacache", "ret_steps": 1})
     cfg = benchmark.BenchConfig(model="tiny", recipe=recipe.save(tmp_path / "x2.json"), reps=1, warmup=0,
                                 floor=False, out=tmp_path / "out")
     result = benchmark.Bench(cfg, say=lambda m: None).run()
@@ -140,7 +140,8 @@ def test_multi_gpu_recipe_runs_the_bench_under_torchrun(tmp_path, monkeypatch):
     assert multi["status"] == "ok", multi.get("reason")
     assert multi["launched"].startswith("torchrun --standalone --nproc-per-node=2 -m flux2lab.bench --model tiny")
     assert multi["recipe"] == recipe.to_dict()
-    assert multi["teacache"] == "replayed schedule: 1/4 (NVIDIA average 16/50, scaled)" and multi["skipped_steps"] == [2]
+    assert multi["cache_schedule"] == "replayed schedule: 1/4 (NVIDIA average 16/50, scaled)"
+    assert multi["skipped_steps"] == [2]
     assert multi["step_s"]["n"] == 3 and multi["image_s"]["median"] > 0
     assert (tmp_path / "out" / "x2" / "bench.json").is_file()
 
@@ -162,7 +163,7 @@ def test_a_rung_that_cannot_run_drops_out_of_the_rungs_above(tmp_path, monkeypat
                                 "reason": "torch.compile is not available here"}
     assert rungs["+fp8"]["without"] == ["compile", "+cuda-graphs"]  # the second: not selected, no CUDA here
     assert rungs["+fp8"]["status"] == "skipped"
-    assert [t["met"] for t in result["targets"]] == [None] * 6, "nothing comparable was measured"
+    assert [t["met"] for t in result["targets"]] == [None] * 7, "nothing comparable was measured"
 
 
 def test_full_size_step_workload_matches_the_published_count():
@@ -204,7 +205,7 @@ def test_floor_times_every_piece_and_sums_them():
     assert floor["tflop_per_step"] == pytest.approx((work.gemm_flops + work.attention_flops) / 1e12)
 
 
-TEACACHE_50 = Recipe(steps=50).replace(teacache={"enabled": True})
+TEACACHE_50 = Recipe(steps=50).replace(cache={"method": "teacache"})
 
 
 def test_teacache_plans():
@@ -217,7 +218,7 @@ def test_teacache_plans():
     assert max(gaps) - min(gaps) <= 1, "skips spread evenly"
     assert skip_plan("auto", True, TEACACHE_50).skip_steps is None, "real weights decide for themselves"
     assert skip_plan("real", False, TEACACHE_50).describe == "real TeaCache decisions"
-    assert len(skip_plan("8/50", False, TEACACHE_50.replace(steps=25, teacache={"ret_steps": 5})).skip_steps) == 4
+    assert len(skip_plan("8/50", False, TEACACHE_50.replace(steps=25, cache={"ret_steps": 5})).skip_steps) == 4
     assert skip_plan("0", False, TEACACHE_50).skip_steps == ()
     assert benchmark.scaled_ret_steps(50) == FLUX2_DEV_RET_STEPS and benchmark.scaled_ret_steps(4) == 1
     with pytest.raises(Flux2LabError, match="only 39 can be skipped"):
@@ -234,7 +235,7 @@ def test_teacache_plan_from_a_calibration_fit_and_trace(tmp_path):
     for prompt, x in (("calm", 0.01), ("busy", 0.2), ("mid", 0.03)):
         rows += [f"{prompt},t2i,0,{t},{1000 - 100 * t},{x},0.1" for t in range(1, 10)]
     trace.write_text("\n".join(rows) + "\n")
-    recipe = Recipe(steps=10).replace(teacache={"enabled": True, "ret_steps": 2, "threshold": 0.05})
+    recipe = Recipe(steps=10).replace(cache={"method": "teacache", "ret_steps": 2, "threshold": 0.05})
     plan = skip_plan(f"{fit}:{trace}", False, recipe)
     # 'mid' (0.03 a step, threshold 0.05): from step 2 on, every other step is skipped
     assert plan.skip_steps == (2, 4, 6, 8)
@@ -243,6 +244,116 @@ def test_teacache_plan_from_a_calibration_fit_and_trace(tmp_path):
         skip_plan(f"{fit}:{trace}", False, recipe.replace(steps=20))
     with pytest.raises(Flux2LabError, match="does not exist"):
         skip_plan(f"{tmp_path / 'nofit.json'}:{trace}", False, recipe)
+
+
+# --- the cache rung: any method, a frozen point's compute pattern ---------------------------------------------
+
+
+def _frozen(tmp_path, cache: dict, fraction: float | None = None, steps: int = 6):
+    from flux2lab.pipeline.frozen import freeze
+
+    metrics = {"metrics": {"computed_fraction": fraction}} if fraction is not None else {}
+    return freeze(Recipe(steps=steps).replace(cache=cache), "tiny", metrics).save(tmp_path / "frozen.json")
+
+
+@pytest.mark.parametrize("method", ["first_block", "seacache"])
+def test_cache_rung_replays_a_threshold_methods_frozen_fraction_on_random_weights(tmp_path, cheap_compile, method):
+    # threshold 0: left alone, both would compute every step; the replay forces the frozen point's pattern.
+    frozen = _frozen(tmp_path, {"method": method, "threshold": 0.0}, fraction=0.66)
+    out = tmp_path / "bench"
+    code = run_bench(["--model", "tiny", "--steps", "6", "--reps", "1", "--warmup", "1", "--no-floor",
+                      "--ladder", "eager-bf16,compile,+cache,x2-gpus", "--cache", str(frozen), "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    rungs = {r["name"]: r for r in result["rungs"]}
+    cache = rungs["+cache"]
+    assert cache["status"] == "ok", cache.get("reason")
+    assert cache["cache_method"] == method and cache["cache_settings"]["threshold"] == 0.0
+    assert cache["recipe"]["cache"]["method"] == method and cache["recipe"]["compile"] is True
+    assert cache["cache_schedule"].startswith("replayed schedule: 2/6 (the frozen point computed 66.0% of the block")
+    skipped = cache["skipped_steps"]
+    assert skipped == [2, 4], skipped  # spread over steps 1..4: step 0 and the last always compute
+    assert 0 < cache["computed_fraction"] < 1 and len(cache["step_fractions"]) == 6
+    assert cache["computed_fraction_source"] == "block counter"
+    assert "reused_pipeline" not in cache  # compiled with fullgraph=True below: loaded afresh for the cache
+    # FirstBlockCache and SeaCache decide from each rank's tokens: the N-GPU rung is refused before model work.
+    multi = rungs["x2-gpus"]
+    assert multi["status"] == "skipped" and "refused before any model work" in multi["reason"]
+    assert "cannot run under context parallelism" in multi["reason"]
+    point = result["settings"]["cache_point"]
+    assert point["method"] == method and point["recorded_fraction"] == 0.66 and point["recorded_on"] == "tiny"
+    target = next(t for t in result["targets"] if "frozen cache point" in t["target"])
+    assert target["met"] is None and "ran without" in target["detail"]  # bf16 on CPU: not the target's stack
+    md = (out / "bench.md").read_text()
+    assert f"- Cache point: {method} from frozen config" in md and "block stack computed" in md
+    assert f"step cache {method} (" in md
+
+
+def test_cache_rung_runs_a_scheduled_method_as_it_is_and_marks_own_decisions_on_random_weights():
+    recipe = Recipe(steps=6)
+    for cache, describe in (({"method": "taylorseer", "cache_interval": 2}, "TaylorSeer's own schedule"),
+                            ({"method": "magcache", "mag_ratios": [1.0] * 6}, "MagCache's own schedule")):
+        plan = skip_plan("auto", False, recipe.replace(cache=cache))
+        assert plan.skip_steps is None and plan.describe.startswith(describe) and not plan.meaningless
+    plan = skip_plan("auto", False, recipe.replace(cache={"method": "seacache"}))
+    assert plan.skip_steps is None and plan.meaningless and "mean nothing here" in plan.describe
+    assert skip_plan("auto", True, recipe.replace(cache={"method": "seacache"})).describe == "real SeaCache decisions"
+    plan = skip_plan("2/6", False, recipe.replace(cache={"method": "first_block"}))
+    assert plan.skip_steps == (2, 4) and plan.spec == "2/6"
+    with pytest.raises(Flux2LabError, match="replays TeaCache's rule, but the cache rung runs seacache"):
+        skip_plan("fit.json:samples.csv", False, recipe.replace(cache={"method": "seacache"}))
+
+
+def test_a_cache_that_refuses_cuda_graphs_runs_without_them_and_the_reason_is_named():
+    from flux2lab.benchmark.ladder import Rung, rung_recipe
+    from flux2lab.pipeline.recipe import RecipeError
+
+    below = Recipe(steps=6, compile=True, cuda_graphs=True)
+    recipe, left_out = rung_recipe(below, Rung("+cache", {"cache": {"method": "taylorseer"}}, "..."))
+    assert recipe.cache.method == "taylorseer" and recipe.compile and not recipe.cuda_graphs
+    assert left_out[0][0] == "+cuda-graphs" and "'taylorseer' cannot run with CUDA graphs" in left_out[0][1]
+    recipe, left_out = rung_recipe(below, Rung("+cache", {"cache": {"method": "seacache"}}, "..."))
+    assert recipe.cuda_graphs and not left_out  # SeaCache decides outside the captured blocks
+    with pytest.raises(RecipeError, match="context parallelism"):
+        rung_recipe(recipe, Rung("x2-gpus", {"ulysses_degree": 2}, "..."))
+
+
+@pytest.mark.parametrize("method, settings", [("seacache", {"threshold": 0.0}), ("first_block", {"threshold": 0.0}),
+                                              ("teacache", {"ret_steps": 1}), ("magcache", {"mag_ratios": [1.0] * 6})])
+def test_under_cuda_graphs_the_cache_rung_counts_the_blocks_replayed(method, settings):
+    """The CPU stand-in for CUDA graphs: a replayed block runs no Python, so the blocks replayed are counted."""
+    from flux2lab.hooks import cudagraphs
+    from flux2lab.pipeline.core import apply
+    from flux2lab.pipeline.models import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu")
+    graphs = cudagraphs.enable(pipe.transformer, _rerun_on_cpu=True)
+    recipe = Recipe(steps=6).replace(cache={"method": method, **settings})
+    plan = skip_plan("2/6", False, recipe)
+    apply(pipe, recipe)
+    runner.replay_skip_plan(pipe, recipe, plan)
+    cfg = benchmark.BenchConfig(model="tiny", reps=2, warmup=0)
+    row = runner.time_images(pipe, recipe, cfg, torch.device("cpu"), plan)
+    blocks = len(graphs.hooks)
+    assert row["computed_fraction_source"].startswith("blocks replayed per step")
+    if method == "magcache":  # its own schedule: with every ratio 1, up to 3 steps in a row reuse the cache
+        assert row["skipped_steps"] == [1, 2, 3, 5] and plan.skip_steps is None
+    else:
+        assert row["skipped_steps"] == [2, 4] == list(plan.skip_steps)
+    head = 1 / blocks if method == "first_block" else 0.0  # FirstBlockCache's head block runs on a skipped step
+    assert row["step_fractions"] == [head if i in row["skipped_steps"] else 1.0 for i in range(6)]
+    assert row["computed_fraction"] == pytest.approx(sum(row["step_fractions"]) / 6)
+    computed = [i for i in range(1, 6) if i not in row["skipped_steps"]]  # step intervals 1..5 that computed
+    assert row["skipped_identical_in_all_reps"] and row["computed_step_s"]["n"] == 2 * len(computed)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fp8", "--cache fp8: it has no step cache"),
+    ("taylorseer=x", "preset part 'taylorseer=x'"),
+])
+def test_cache_flag_errors_name_the_flag(tmp_path, capsys, spec, message):
+    assert run_bench(["--model", "tiny", "--out", str(tmp_path), "--cache", spec]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "bench.json").exists()
 
 
 def _gpu_like_result() -> dict:
@@ -254,7 +365,7 @@ def _gpu_like_result() -> dict:
                 else [], "recipe": {"transformer_precision": precision, "ulysses_degree": gpus},
                 "step_s": benchmark.spread([step] * 3), "image_s": benchmark.spread([image] * 3),
                 "computed_step_s": benchmark.spread([step] * 3) if teacache else None,
-                "teacache": teacache, **extra}
+                "cache_schedule": teacache, **extra}
 
     floor_fp8 = {"step_s": 0.21, "gemm_s": 0.17, "attention_s": 0.04, "gemm_tflops": 1490.0, "kept_high_tflop": 1.35,
                  "gemms_not_in_fp8": []}
@@ -266,7 +377,7 @@ def _gpu_like_result() -> dict:
         "model": {"source": "full-random", "kind": "full-random", "revision": None},
         "height": 1024, "width": 1024, "steps": 50, "timing": "CUDA events",
         "settings": {"reps": 3, "warmup": 1, "warmup_steps": 3, "timed_steps": 50,
-                     "teacache_schedule": "replayed schedule: 16/50 (NVIDIA average)"},
+                     "cache_schedule": "replayed schedule: 16/50 (NVIDIA average)"},
         "floor": {"dtype": "bfloat16", "tflop_per_step": 282.6, "gemm_tflop": 253.4, "attention_tflop": 29.2,
                   "image_tokens": 4096, "text_tokens": 512, "note": "arithmetic only",
                   "bf16": {"step_s": 0.36, "gemm_s": 0.32, "attention_s": 0.04, "gemm_tflops": 790.0},
@@ -278,6 +389,25 @@ def _gpu_like_result() -> dict:
         ],
         "targets": [], "wall_s": 500.0,
     }
+
+
+def test_cache_point_target_from_gpu_numbers():
+    result = _gpu_like_result()
+    cache = dict(result["rungs"][4], name="+cache", cache_method="seacache", computed_fraction=0.24,
+                 recipe={"transformer_precision": "fp8", "ulysses_degree": 1, "compile": True},
+                 image_s=benchmark.spread([0.538 * 50 / 4.2] * 3))
+    result["rungs"][4] = cache
+    result["settings"]["cache_point"] = {"method": "seacache", "source": "frozen config best.json (abc)"}
+    benchmark.summarize(result)
+    targets = {t["target"]: t for t in result["targets"]}
+    point = targets["+fp8 + compile + the frozen cache point (+cache) >= 4.0x eager-bf16"]
+    assert point["met"] is True and point["value"] == pytest.approx(4.2)
+    assert "seacache from frozen config best.json (abc), 24% of the block stack computed" in point["detail"]
+    assert targets["full single-GPU stack (+cache) >= 3.0x eager-bf16"]["met"] is True
+    del result["settings"]["cache_point"]
+    benchmark.summarize(result)
+    assert next(t for t in result["targets"] if "frozen cache point" in t["target"])["detail"].startswith(
+        "not measured: give --cache")
 
 
 def test_targets_markdown_and_chart_from_gpu_numbers(tmp_path):

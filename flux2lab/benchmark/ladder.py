@@ -1,7 +1,8 @@
 """The rungs of the speed ladder, in NVIDIA's Figure 4 order, and which of them a run times.
 
 Each rung is a set of Recipe changes on top of the rung below (eager BF16, torch.compile, CUDA graphs, FP8 or
-NVFP4, TeaCache, several GPUs), so a rung's recipe holds every acceleration beneath it.
+NVFP4, a step cache, several GPUs), so a rung's recipe holds every acceleration beneath it. The cache rung is
+`+teacache` (NVIDIA's TeaCache settings) or, given a frozen point (`bench --cache`), `+cache` with its method.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from flux2lab.common.errors import Flux2LabError
-from flux2lab.pipeline.recipe import FLUX2_DEV_RET_STEPS
+from flux2lab.pipeline.recipe import FLUX2_DEV_RET_STEPS, Recipe, RecipeError
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,40 @@ def scaled_ret_steps(steps: int) -> int:
     return min(steps - 1, round(FLUX2_DEV_RET_STEPS * steps / 50))
 
 
-def default_ladder(precision: str, gpus: tuple[int, ...], steps: int) -> list[Rung]:
-    """NVIDIA's Figure 4 order; each multi-GPU rung runs the whole single-GPU stack on N GPUs."""
+CACHE_RUNGS = ("+cache", "+teacache")
+
+
+def cache_rung(steps: int, point: Any = None) -> Rung:
+    """`+cache` with a frozen point's cache (a flux2lab.benchmark.cachepoint.CachePoint), else `+teacache`."""
+    if point is None:
+        return Rung("+teacache", {"cache": {"method": "teacache", "ret_steps": scaled_ret_steps(steps)}},
+                    "TeaCache skips steps whose output barely changes")
+    return Rung("+cache", {"cache": point.cache.to_dict()}, f"step cache {point.describe()}")
+
+
+def default_ladder(precision: str, gpus: tuple[int, ...], steps: int, point: Any = None) -> list[Rung]:
+    """NVIDIA's Figure 4 order; each multi-GPU rung runs the whole single-GPU stack on N GPUs. `point`: the
+    cache rung's frozen point (see `cache_rung`)."""
     return [
         Rung("eager-bf16", {}, "the model dtype (BF16 on a GPU), no torch.compile"),
         Rung("compile", {"compile": True}, "regional torch.compile of the repeated blocks"),
         Rung("+cuda-graphs", {"cuda_graphs": True}, "every block replayed as a CUDA graph"),
         Rung(f"+{precision}", {"transformer_precision": precision, "quant_backend": "native"},
              f"{precision.upper()} linear layers (native kernels only: an emulation is not a speed path)"),
-        Rung("+teacache", {"cache": {"method": "teacache", "ret_steps": scaled_ret_steps(steps)}},
-             "TeaCache skips steps whose output barely changes"),
+        cache_rung(steps, point),
         *[Rung(f"x{n}-gpus", {"ulysses_degree": n}, f"Ulysses sequence parallelism over {n} GPUs") for n in gpus],
     ]
+
+
+def rung_recipe(below: Recipe, rung: Rung) -> tuple[Recipe, list[tuple[str, str]]]:
+    """The rung's recipe on top of the one below, and the rungs it leaves out with why: a step cache that cannot
+    run with CUDA graphs (TaylorSeer) runs without them. Other combinations validation refuses raise RecipeError."""
+    try:
+        return below.replace(**rung.changes), []
+    except RecipeError as e:
+        if "cache" not in rung.changes or not below.cuda_graphs:
+            raise
+        return below.replace(cuda_graphs=False).replace(**rung.changes), [("+cuda-graphs", str(e))]
 
 
 def select_rungs(ladder: list[Rung], spec: str) -> set[str]:

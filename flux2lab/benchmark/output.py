@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flux2lab.common.files import atomic_write, atomic_write_text
-from flux2lab.common.formatting import fmt_number
+from flux2lab.common.formatting import fmt_number, fmt_percent
 
 
 def write_report(result: dict[str, Any], out: Path) -> list[Path]:
@@ -28,7 +28,9 @@ def console_lines(result: dict[str, Any]) -> list[str]:
         if r["status"] == "ok":
             lines.append(f"{r['name']:>14}: {r['step_s']['median']:.3f} s/step, {r['image_s']['median']:.2f} s/image, "
                          f"{r['speedup']:.2f}x"
-                         + (f", {r['floor_ratio']:.2f}x the floor" if r.get("floor_ratio") else ""))
+                         + (f", {r['floor_ratio']:.2f}x the floor" if r.get("floor_ratio") else "")
+                         + (f", {r['cache_method']} computing {fmt_percent(r.get('computed_fraction'))} of the block "
+                            "stack" if r.get("cache_method") else ""))
         else:
             lines.append(f"{r['name']:>14}: {r['status']} ({r['reason']})")
     for t in result["targets"]:
@@ -58,40 +60,52 @@ def markdown(result: dict[str, Any]) -> str:
          f"{', uncommitted changes' if env.get('git_dirty') else ''})"),
         f"- Model: {result['model']['source']} ({result['model']['kind']}); covers the {result['coverage']}",
         (f"- Timing: {result['timing']}. {settings['reps']} timed image(s) per rung after {settings['warmup']} "
-         f"warm-up image(s) of {settings['warmup_steps']} steps (TeaCache rungs warm up on the full schedule)."),
+         f"warm-up image(s) of {settings['warmup_steps']} steps (cache rungs warm up on the full schedule)."),
     ]
     if settings["timed_steps"] != result["steps"]:
         lines.append(f"- Timed images run {settings['timed_steps']} steps; per-image times of rungs without TeaCache "
                      f"are extrapolated to {result['steps']} steps (measured wall + remaining steps x median step).")
-    if settings.get("teacache_schedule"):
-        lines.append(f"- TeaCache: {settings['teacache_schedule']}.")
+    if settings.get("cache_point"):
+        point = settings["cache_point"]
+        recorded = (f"; it computed {fmt_percent(point['recorded_fraction'])} of the block stack on "
+                    f"{point['recorded_on']}" if point.get("recorded_fraction") is not None else "")
+        lines.append(f"- Cache point: {point['method']} from {point['source']}{recorded}.")
+    if settings.get("cache_schedule"):
+        marked = (" **Marked: a threshold method's own decisions on random weights say nothing about its speed on "
+                  "real weights.**" if settings.get("cache_schedule_meaningless") else "")
+        lines.append(f"- Cache rung's schedule: {settings['cache_schedule']}.{marked}")
     lines += [
         "", (f"| rung | adds | s/step median [p25–p75] | s/image ({result['steps']} steps) median [min–max] | "
-             f"peak GPU mem | speedup vs {base} | vs rung below | step / floor |"),
-        "|---|---|---|---|---|---|---|---|",
+             f"block stack computed | peak GPU mem | speedup vs {base} | vs rung below | step / floor |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for r in result["rungs"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['adds']} | **{r['status']}** (note {len(notes) + 1}) | | | | | |")
+            lines.append(f"| {r['name']} | {r['adds']} | **{r['status']}** (note {len(notes) + 1}) | | | | | | |")
             notes.append(f"{r['name']} {r['status']}: {r['reason']}")
             continue
         st, im = r.get("computed_step_s") or r["step_s"], r["image_s"]
         extra = []
-        if r.get("teacache"):
-            extra.append(f"{r['teacache']}; skipped {len(r['skipped_steps'])}/{r['steps']}")
+        if r.get("cache_schedule"):
+            extra.append(f"{r['cache_schedule']}; skipped {len(r['skipped_steps'])}/{r['steps']}"
+                         + (" (MARKED: own decisions on random weights)" if r.get("cache_schedule_meaningless") else ""))
         if r.get("without"):
-            extra.append(f"without {', '.join(r['without'])}")
+            extra.append(f"without {', '.join(r['without'])}"
+                         + (f": {r['without_because']}" if r.get("without_because") else ""))
         adds = r["adds"] + (f" ({'; '.join(extra)})" if extra else "")
         lines.append(
             f"| {r['name']} | {adds} | {fmt_number(st['median'], '.3f')} [{fmt_number(st['p25'], '.3f')}–"
             f"{fmt_number(st['p75'], '.3f')}] | {fmt_number(im['median'], '.2f')} [{fmt_number(im['min'], '.2f')}–"
             f"{fmt_number(im['max'], '.2f')}]{' (extrap.)' if r.get('image_extrapolated') else ''} | "
-            f"{fmt_number(r.get('peak_mem_gib'), '.1f', ' GiB')} | {fmt_number(r.get('speedup'), '.2f', 'x')} | "
-            f"{fmt_number(r.get('speedup_vs_previous'), '.2f', 'x')} | {fmt_number(r.get('floor_ratio'), '.2f', 'x')} |"
+            f"{fmt_percent(r.get('computed_fraction'))} | {fmt_number(r.get('peak_mem_gib'), '.1f', ' GiB')} | "
+            f"{fmt_number(r.get('speedup'), '.2f', 'x')} | {fmt_number(r.get('speedup_vs_previous'), '.2f', 'x')} | "
+            f"{fmt_number(r.get('floor_ratio'), '.2f', 'x')} |"
         )
-    if any(r.get("computed_step_s") for r in ok):
-        lines.append("\nTeaCache rows show the median *computed* step; their per-image time includes the skipped ones.")
+    if any(r.get("cache_method") for r in ok):
+        lines.append("\nCache rows show the median *computed* step; their per-image time includes the skipped ones. "
+                     "Block stack computed: the fraction of the transformer blocks' work that ran (counted by "
+                     "flux2lab.hooks.block_counter; under CUDA graphs, the blocks replayed).")
     if notes:
         lines += [""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]
     spent = [f"{r['name']}: load {fmt_number(r.get('load_s'), '.0f')} s, apply {fmt_number(r.get('apply_s'), '.0f')} s, "

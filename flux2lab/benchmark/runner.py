@@ -2,8 +2,10 @@
 
 Rungs run one after the other in one process; each one that changes the model gets a freshly loaded pipeline
 (the previous one is freed first: two full-size transformers do not fit one card), and consecutive rungs that
-differ only in TeaCache share one. A rung that cannot run here (no CUDA, no FP8 kernels, one GPU, a feature this
-build lacks) is reported as skipped with the reason, and its change is left out of the rungs above it. Time per
+differ only in their step cache share one (unless its blocks were compiled with fullgraph=True, where diffusers'
+caches cannot decide). A rung that cannot run here (no CUDA, no FP8 kernels, one GPU, a feature this build lacks,
+a combination the recipe's validation refuses) is reported as skipped with the reason, and its change is left out
+of the rungs above it. Time per
 image = the whole pipeline call; warm-up images (compilation, graph capture) are not timed. With `timed_steps`
 below `steps`, a timed image runs that many steps and its time is extrapolated as measured wall + remaining
 steps x median step. The `xN-gpus` rung runs this same benchmark under `torchrun` on one recipe (Ulysses
@@ -27,15 +29,17 @@ from typing import Any
 import torch
 
 from flux2lab import parallel
+from flux2lab.benchmark.cachepoint import CachePoint, load_cache_point
 from flux2lab.benchmark.floor import measure_floor, step_workload
 from flux2lab.benchmark.fullsize import build_whole_random
-from flux2lab.benchmark.ladder import Rung, default_ladder, default_precision, select_rungs
+from flux2lab.benchmark.ladder import Rung, default_ladder, default_precision, rung_recipe, select_rungs
 from flux2lab.benchmark.provenance import GIB, environment
 from flux2lab.benchmark.skips import RANDOM_WEIGHTS, SkipPlan, replay_skip_plan, skip_plan
 from flux2lab.benchmark.summary import summarize
 from flux2lab.benchmark.timing import DeviceClock, StepMarks, spread
 from flux2lab.common.errors import FeatureNotAvailable, Flux2LabError
-from flux2lab.pipeline.core import applied_recipe, apply, generate, resolution
+from flux2lab.pipeline.caches import DIFFUSERS_METHODS
+from flux2lab.pipeline.core import COMPILED_FULLGRAPH, applied_recipe, apply, generate, resolution
 from flux2lab.pipeline.models import (
     default_device,
     default_dtype,
@@ -45,7 +49,7 @@ from flux2lab.pipeline.models import (
     load_pipeline,
     model_info,
 )
-from flux2lab.pipeline.recipe import Recipe
+from flux2lab.pipeline.recipe import Recipe, RecipeError
 
 PROMPT = "a red fox standing in fresh snow at golden hour, detailed fur, soft light"
 
@@ -68,7 +72,8 @@ class BenchConfig:
     warmup: int = 1
     warmup_steps: int = 3
     timed_steps: int | None = None
-    teacache_schedule: str = "auto"
+    teacache_schedule: str = "auto"  # the cache rung's replayed schedule on random weights (skips.skip_plan)
+    cache: str | None = None  # the cache rung's frozen point: frozen config, recipe or preset (cachepoint)
     floor: bool = True
     whole_pipeline: bool = False  # full-random with the full-size text encoder and VAE
     out: Path = Path("reports/benchmarks/bench")
@@ -85,15 +90,19 @@ class BenchConfig:
                                 f"'{self.model}' has its own (or none).")
         if self.gpus is not None and (not self.gpus or min(self.gpus) < 2):
             raise Flux2LabError(f"--gpus {','.join(map(str, self.gpus))}: give GPU counts of 2 or more, e.g. 2,4.")
+        if self.cache is not None and self.recipe is not None:
+            raise Flux2LabError("--cache sets the ladder's cache rung; with --recipe, put the step cache in the "
+                                "recipe's `cache` field instead.")
 
-    def child_args(self, recipe_file: Path, out: Path) -> list[str]:
-        """The bench arguments that time one recipe (the multi-GPU rung under torchrun)."""
+    def child_args(self, recipe_file: Path, out: Path, schedule: str = "auto") -> list[str]:
+        """The bench arguments that time one recipe (the multi-GPU rung under torchrun); `schedule` the
+        --teacache-schedule that makes the parent's skip plan again."""
         args = ["--model", self.model, "--recipe", str(recipe_file), "--out", str(out), "--no-floor",
                 "--reps", str(self.reps), "--warmup", str(self.warmup), "--warmup-steps", str(self.warmup_steps)]
         if self.timed_steps:
             args += ["--timed-steps", str(self.timed_steps)]
-        if self.teacache_schedule != "auto":
-            args += ["--teacache-schedule", self.teacache_schedule]
+        if schedule != "auto":
+            args += ["--teacache-schedule", schedule]
         if self.dtype:
             args += ["--dtype", self.dtype]
         if self.whole_pipeline:
@@ -115,34 +124,51 @@ def gpu_memory_gib(device: torch.device, peak: bool = False) -> float | None:
 
 def time_images(pipe: Any, recipe: Recipe, cfg: BenchConfig, device: torch.device,
                 plan: SkipPlan | None = None) -> dict[str, Any]:
-    """Warm up, then time `cfg.reps` images of the recipe (checking a replayed TeaCache plan was followed)."""
+    """Warm up, then time `cfg.reps` images of the recipe, and record which steps reused the step cache and the
+    fraction of the block stack computed (checking a replayed plan was followed). The block counter runs in every
+    image, as in `generate` and `run` (compiled blocks only see hooks present when they were compiled); under CUDA
+    graphs, where it cannot count, the blocks replayed per step are counted instead."""
+    from flux2lab.hooks.cudagraphs import graphs_of
+
     clock = DeviceClock(device)
-    # A TeaCache rung warms up on the full schedule so its skip path is compiled/captured as it will be timed.
-    warm = recipe if recipe.cache.method == "teacache" else recipe.replace(steps=min(cfg.warmup_steps, recipe.steps))
+    cached = recipe.cache.method != "none"
+    # A cache rung warms up on the full schedule so its skip path is compiled/captured as it will be timed.
+    warm = recipe if cached else recipe.replace(steps=min(cfg.warmup_steps, recipe.steps))
+    graphs = graphs_of(pipe.transformer)
+    probe = (lambda: graphs.replays) if graphs is not None else None
     t0 = time.perf_counter()
     for i in range(cfg.warmup):
-        generate(pipe, [PROMPT], [1000 + i], warm)
+        generate(pipe, [PROMPT], [1000 + i], warm, count_blocks=probe is None)
     warmup_s = time.perf_counter() - t0
-    timed_steps = recipe.steps if recipe.cache.method == "teacache" or not cfg.timed_steps else cfg.timed_steps
+    timed_steps = recipe.steps if cached or not cfg.timed_steps else cfg.timed_steps
     timed = recipe.replace(steps=timed_steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    walls, steps, computed, skipped = [], [], [], []
+    walls, intervals, fractions = [], [], []
     t0 = time.perf_counter()
     for rep in range(cfg.reps):
-        with StepMarks(pipe, clock) as marks:
-            record = generate(pipe, [PROMPT], [rep], timed).records[0]
-        intervals = marks.intervals()
-        skips = set(record.skipped_steps)
-        if recipe.cache.method == "teacache" and plan and plan.skip_steps is not None and skips != set(plan.skip_steps):
-            raise RuntimeError(f"TeaCache skipped steps {sorted(skips)}, not the replayed {list(plan.skip_steps)}")
-        steps += intervals
-        computed += [t for i, t in enumerate(intervals, start=1) if i not in skips]
-        skipped.append(sorted(skips))
-        walls.append((record.wall_s, statistics.median(intervals)))
+        with StepMarks(pipe, clock, probe) as marks:
+            record = generate(pipe, [PROMPT], [rep], timed, count_blocks=probe is None).records[0]
+        intervals.append(marks.intervals())
+        fractions.append([n / len(graphs.hooks) for n in marks.per_step()] if probe else record.step_fractions)
+        walls.append((record.wall_s, statistics.median(intervals[-1])))
     timed_s = time.perf_counter() - t0
+    counted = {"computed_fraction_source": "block counter" if probe is None else (
+        "blocks replayed per step (under CUDA graphs a replayed block runs no Python, so its work is not counted)")}
+    fractions = [fr for fr in fractions if fr]
+    skipped = [sorted(i for i, f in enumerate(fr) if f < 1) for fr in fractions] or [[]] * cfg.reps
+    if cached and plan is not None and plan.skip_steps is not None:
+        for steps in skipped:
+            if steps != sorted(plan.skip_steps):
+                raise RuntimeError(f"the {recipe.cache.method} cache skipped steps {steps}, not the replayed "
+                                   f"{list(plan.skip_steps)}")
+    if fractions:
+        counted["computed_fraction"] = statistics.mean(sum(fr) / len(fr) for fr in fractions)
+        counted["step_fractions"] = fractions[0]
     extra = recipe.steps - timed_steps
     images = [wall + extra * step for wall, step in walls]
+    steps = [t for rep in intervals for t in rep]
+    computed = [t for rep, skips in zip(intervals, skipped) for i, t in enumerate(rep, start=1) if i not in skips]
     result = {
         "warmup_images": cfg.warmup, "warmup_steps": warm.steps, "warmup_s": warmup_s, "timed_s": timed_s,
         "reps": cfg.reps, "steps": recipe.steps, "timed_steps": timed_steps,
@@ -153,6 +179,7 @@ def time_images(pipe: Any, recipe: Recipe, cfg: BenchConfig, device: torch.devic
         "peak_mem_gib": gpu_memory_gib(device, peak=True),
         "skipped_steps": skipped[0] if skipped else [],
         "skipped_identical_in_all_reps": all(s == skipped[0] for s in skipped),
+        **counted,
     }
     if extra:
         result["note"] = (f"timed {timed_steps}-step images; per-image time = measured wall + {extra} x "
@@ -169,7 +196,8 @@ class Bench:
         self.cfg, self.on_update, self.say = cfg, on_update or (lambda r: None), say
         self.world, self.rank = parallel.world_size(), parallel.rank()  # (1, 0) outside torchrun
         self.pipe = None
-        self.plan: SkipPlan | None = None  # the TeaCache rung's skip plan, set by run()
+        self.plan: SkipPlan | None = None  # the cache rung's skip plan, set by run()
+        self.point: CachePoint | None = None  # the cache rung's frozen point (--cache), set by run()
         self.touched = False  # whether the current rung got as far as applying its recipe to the pipeline
         self.load_s: float | None = None
 
@@ -183,17 +211,18 @@ class Bench:
     def _ladder(self, base: Recipe, device: torch.device) -> tuple[list[Rung], set[str]]:
         precision = self.cfg.precision or default_precision(device)
         visible = visible_gpus(device)
-        ladder = default_ladder(precision, self.cfg.gpus or (max(visible, 2),), base.steps)
+        ladder = default_ladder(precision, self.cfg.gpus or (max(visible, 2),), base.steps, self.point)
         return ladder, select_rungs(ladder, self.cfg.ladder)
 
     def _plan(self, base: Recipe, rungs: list[Rung]) -> SkipPlan | None:
-        """The TeaCache skip plan for the ladder's (or the given recipe's) TeaCache rung, if it has one."""
-        recipe = base
+        """The skip plan for the ladder's (or the given recipe's) cache rung, if it has one."""
+        recipe = Recipe(steps=base.steps, cache=base.cache)  # the cache alone: its combinations are the rungs' business
         for rung in rungs:
-            recipe = recipe.replace(**rung.changes)
-        if recipe.cache.method != "teacache":
+            if "cache" in rung.changes:
+                recipe = recipe.replace(cache=rung.changes["cache"])
+        if recipe.cache.method == "none":
             return None
-        return skip_plan(self.cfg.teacache_schedule, self.cfg.model not in RANDOM_WEIGHTS, recipe)
+        return skip_plan(self.cfg.teacache_schedule, self.cfg.model not in RANDOM_WEIGHTS, recipe, self.point)
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -208,6 +237,7 @@ class Bench:
             raise Flux2LabError(f"--timed-steps {cfg.timed_steps} is more than the {base.steps} steps of an image.")
         # Everything the user can get wrong is checked before a (possibly 60 GiB) model is loaded.
         device = torch.device(cfg.device or default_device())
+        self.point = load_cache_point(cfg.cache) if cfg.cache is not None else None
         if cfg.recipe is not None:
             rungs = [Rung(cfg.recipe.stem, {}, f"recipe {cfg.recipe}")]
             selected = {rungs[0].name}
@@ -231,7 +261,9 @@ class Bench:
             "height": height, "width": width, "steps": base.steps,
             "settings": {"reps": cfg.reps, "warmup": cfg.warmup, "warmup_steps": cfg.warmup_steps,
                          "timed_steps": cfg.timed_steps or base.steps, "ladder": cfg.ladder,
-                         "teacache_schedule": plan.describe if plan else None, "ranks": self.world},
+                         "cache_schedule": plan.describe if plan else None,
+                         "cache_schedule_meaningless": bool(plan and plan.meaningless),
+                         "cache_point": self.point.to_dict() if self.point else None, "ranks": self.world},
             "timing": ("per step: CUDA events at the end of every denoising step (scheduler.step), interval "
                        "between consecutive ends, first step excluded; per image: the whole pipeline call "
                        "(synchronised wall clock); warm-up images excluded"
@@ -250,7 +282,16 @@ class Bench:
         # Every rung builds on the ones below it, timed or not; one that cannot run here drops out of the rest.
         current, dropped = base, []
         for rung in rungs:
-            recipe = current.replace(**rung.changes)
+            try:
+                recipe, left_out = rung_recipe(current, rung)
+            except RecipeError as e:  # a combination validation refuses (e.g. a cache deciding per rank, N GPUs)
+                if rung.name in selected:
+                    result["rungs"].append({"name": rung.name, "adds": rung.adds, "status": "skipped", "recipe": None,
+                                            "reason": f"refused before any model work: {e}"})
+                    self.say(f"rung {rung.name}: skipped: {e}")
+                if rung.gpus == 1:
+                    dropped.append(rung.name)
+                continue
             if rung.name not in selected:
                 if rung.gpus == 1:
                     try:
@@ -260,8 +301,10 @@ class Bench:
                         dropped.append(rung.name)
                 continue
             row = {"name": rung.name, "adds": rung.adds, "status": "ok", "recipe": recipe.to_dict()}
-            if dropped:
-                row["without"] = list(dropped)
+            if dropped or left_out:
+                row["without"] = [*dropped, *(name for name, _ in left_out if name not in dropped)]
+            if left_out:
+                row["without_because"] = "; ".join(why for _, why in left_out)
             self.say(f"rung {rung.name}: {rung.adds}")
             self.touched = False
             try:
@@ -311,6 +354,9 @@ class Bench:
         row: dict[str, Any] = {}
         if self.pipe is not None and (done := applied_recipe(self.pipe)) is not None and done.model_changes(recipe):
             self._discard()
+        if (self.pipe is not None and recipe.cache.method in DIFFUSERS_METHODS
+                and getattr(self.pipe.transformer, COMPILED_FULLGRAPH, False)):
+            self._discard()  # its blocks were compiled with fullgraph=True, where diffusers' caches cannot decide
         if self.pipe is None:
             t0 = time.perf_counter()
             self.pipe = self._load(str(device))
@@ -327,9 +373,10 @@ class Bench:
         apply(self.pipe, recipe)
         row["apply_s"] = time.perf_counter() - t0
         row["weights_gib"] = gpu_memory_gib(device)
-        if recipe.cache.method == "teacache":
+        if recipe.cache.method != "none":
             replay_skip_plan(self.pipe, recipe, self.plan)
-            row["teacache"] = self.plan.describe
+            row.update(cache_method=recipe.cache.method, cache_settings=recipe.cache.to_dict(),
+                       cache_schedule=self.plan.describe, cache_schedule_meaningless=self.plan.meaningless)
         row.update(time_images(self.pipe, recipe, self.cfg, device, self.plan))
         return row
 
@@ -349,7 +396,7 @@ class Bench:
         n = recipe.ulysses_degree
         folder = self.cfg.out / rung.name
         recipe_file = folder / "recipe.json"
-        child = self.cfg.child_args(recipe_file, folder)
+        child = self.cfg.child_args(recipe_file, folder, self.plan.spec if self.plan else "auto")
         shown = shlex.join(["torchrun", "--standalone", f"--nproc-per-node={n}", "-m", "flux2lab.bench", *child])
         visible = visible_gpus(device)
         if visible < n:
@@ -375,6 +422,8 @@ class Bench:
         for key in ("name", "adds"):
             row.pop(key, None)
         row["launched"] = shown
+        if self.plan is not None and row.get("cache_schedule"):
+            row["cache_schedule"] = self.plan.describe  # the child replays it by count; the parent knows its origin
         if row.get("status") == "skipped":
             raise FeatureNotAvailable(row.get("reason", "skipped under torchrun"))
         if row.get("status") == "failed":

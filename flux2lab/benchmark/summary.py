@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from flux2lab.benchmark.ladder import CACHE_RUNGS
+from flux2lab.common.formatting import fmt_percent
+
+CACHE_POINT_SPEEDUP = 4.0  # FP8 + compile + the frozen best cache point, over eager BF16 per image
+
 
 def summarize(result: dict[str, Any]) -> None:
     """Speedups (over the first rung that ran, and over the rung below), distance from the floor and the
@@ -45,7 +50,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                   and (result["height"], result["width"], result["steps"]) == (1024, 1024, 50))
     base = ok.get("eager-bf16")
     precision_rung = next((n for n in rungs if n in ("+fp8", "+nvfp4")), "+fp8")
-    stack = ok.get("+teacache")
+    cache_rung = next((n for n in rungs if n in CACHE_RUNGS), "+teacache")
+    stack = ok.get(cache_rung)
     out = []
 
     def add(what: str, value: float | None, limit: float, higher: bool, detail: str) -> None:
@@ -59,13 +65,32 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
     add("compile >= 1.2x eager-bf16", speedup("compile", base), 1.2, True, "per-image time")
     add(f"{precision_rung} >= 1.8x eager-bf16", speedup(precision_rung, base), 1.8, True, "per-image time")
-    teacache = (stack or {}).get("teacache", "")
-    add("full single-GPU stack (+teacache) >= 3.0x eager-bf16", speedup("+teacache", base), 3.0, True,
-        f"per-image time; {teacache}" if teacache else "per-image time")
+    schedule = (stack or {}).get("cache_schedule", "")
+    add(f"full single-GPU stack ({cache_rung}) >= 3.0x eager-bf16", speedup(cache_rung, base), 3.0, True,
+        f"per-image time; {schedule}" if schedule else "per-image time")
+    value, detail = cache_point_speedup(ok.get("+cache"), base, result["settings"].get("cache_point"))
+    add(f"{precision_rung} + compile + the frozen cache point (+cache) >= {CACHE_POINT_SPEEDUP}x eager-bf16", value,
+        CACHE_POINT_SPEEDUP, True, detail)
     fp8 = ok.get(precision_rung)
     add(f"{precision_rung} compiled step <= 1.3x the floor", fp8.get("floor_ratio") if fp8 else None, 1.3, False,
         "median step / (FP8 GEMMs + attention floor measured in the same run)")
     for n, limit in ((2, 1.85), (4, 3.4)):
         add(f"x{n}-gpus >= {limit}x the 1-GPU full stack", speedup(f"x{n}-gpus", stack), limit, True,
-            "per-image time over +teacache on one GPU")
+            f"per-image time over {cache_rung} on one GPU")
     return out
+
+
+def cache_point_speedup(row: dict[str, Any] | None, base: dict[str, Any] | None,
+                        point: dict[str, Any] | None) -> tuple[float | None, str]:
+    """The `+cache` rung's speedup over eager BF16 when it ran with low precision and compile, and what it was."""
+    if point is None:
+        return None, "not measured: give --cache with the search's frozen best point (bench --cache FROZEN.json)"
+    if row is None or base is None:
+        return None, f"not measured: the +cache rung or eager-bf16 did not run ({point['source']})"
+    recipe = row["recipe"]
+    if recipe["transformer_precision"] == "bf16" or not recipe["compile"]:
+        return None, f"not measured: the +cache rung ran without {', '.join(row.get('without', [])) or 'FP8/compile'}"
+    computed = fmt_percent(row.get("computed_fraction"), missing="an uncounted fraction")
+    return base["image_s"]["median"] / row["image_s"]["median"], (
+        f"per-image time; {point['method']} from {point['source']}, {computed} of the block stack computed; "
+        f"{row.get('cache_schedule')}")

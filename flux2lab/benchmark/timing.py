@@ -43,17 +43,22 @@ class DeviceClock:
 
 class StepMarks:
     """Marks the end of every denoising step by wrapping the pipeline's `scheduler.step` (instance attribute,
-    removed on exit)."""
+    removed on exit). With `probe` (a host-side counter, e.g. the CUDA graphs replayed so far), it is read at the
+    start and at every mark, so `per_step()` tells how much of it each step added."""
 
-    def __init__(self, pipe: Any, clock: DeviceClock):
-        self.pipe, self.clock, self.marks = pipe, clock, []
+    def __init__(self, pipe: Any, clock: DeviceClock, probe: Callable[[], int] | None = None):
+        self.pipe, self.clock, self.marks, self.probe, self.readings = pipe, clock, [], probe, []
 
     def __enter__(self) -> StepMarks:
         step = self.pipe.scheduler.step
+        if self.probe is not None:
+            self.readings.append(self.probe())
 
         def marked(*args, **kwargs):
             out = step(*args, **kwargs)
             self.marks.append(self.clock.mark())
+            if self.probe is not None:
+                self.readings.append(self.probe())
             return out
 
         self.pipe.scheduler.step = marked
@@ -66,6 +71,10 @@ class StepMarks:
         """Seconds of steps 1..n-1 (interval i ends at step i's mark)."""
         self.clock.sync()
         return [self.clock.seconds(a, b) for a, b in zip(self.marks, self.marks[1:])]
+
+    def per_step(self) -> list[int]:
+        """What the probe counted during each step 0..n-1."""
+        return [b - a for a, b in zip(self.readings, self.readings[1:])]
 
 
 def median_time(clock: DeviceClock, fn: Callable[..., Any], *args: Any, warmup: int = 3, iters: int = 10,

@@ -185,6 +185,8 @@ def card_memory(device: str | torch.device, gpu_memory_gib: float | None = None)
         return Card(str(device), None, "not a GPU")
     if not torch.cuda.is_available():
         raise Flux2LabError(f"device '{device}' was asked for, but this machine has no CUDA GPU. Use --device cpu.")
+    if device.index is None:  # "cuda": the current card (torch's per-process-fraction query needs an index)
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     fraction = torch.cuda.get_per_process_memory_fraction(device)
     capped = int(total * fraction) - torch.cuda.memory_reserved(device)

@@ -157,16 +157,21 @@ def figure_from_matplotlib(fig, caption: str, name: str) -> Figure:
 
 
 def describe_recipe(recipe: dict[str, Any]) -> str:
-    """One line a reader can take in: precision, TeaCache, compile/graphs/GPUs, steps and size."""
+    """One line a reader can take in: precision, step cache, compile/graphs/GPUs, steps and size (any schema)."""
+    from flux2lab.pipeline.recipe import Recipe, RecipeError
+
+    try:
+        recipe = Recipe.from_dict(recipe).to_dict()  # a version-1 recipe reads as the version-2 one it migrates to
+    except RecipeError:
+        pass
     parts = [f"transformer {recipe.get('transformer_precision')}"]
     if recipe.get("text_encoder_precision") not in (None, "bf16"):
         parts.append(f"text encoder {recipe['text_encoder_precision']}")
-    tc = recipe.get("teacache") or {}
-    if tc.get("enabled"):
-        parts.append(f"TeaCache threshold {tc.get('threshold'):g}, ret_steps {tc.get('ret_steps')}"
-                     + (f", cutoff {tc['cutoff_steps']}" if tc.get("cutoff_steps") is not None else ""))
-    else:
-        parts.append("no TeaCache")
+    cache = dict(recipe.get("cache") or {"method": "none"})
+    method = cache.pop("method", "none")
+    shown = {k: v for k, v in cache.items() if k not in ("coefficients", "mag_ratios")}  # calibrated: too long
+    parts.append("no step cache" if method == "none" else
+                 f"{method} " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     parts += [name for name in ("compile", "cuda_graphs") if recipe.get(name)]
     if (recipe.get("ulysses_degree") or 1) > 1:
         parts.append(f"Ulysses x{recipe['ulysses_degree']}")

@@ -68,7 +68,7 @@ def run_section(frozen: Sequence[Path], runs: Sequence[Path], root: Path | None)
             origin = (f"study {study.get('name')}, trial {trial.get('number')}" if study else "") or "—"
             metrics = prov.get("metrics") or {}
             shown = ", ".join(f"{k} {fmt_number(v)}" for k, v in metrics.items()
-                              if k in ("lpips", "psnr", "ssim", "speedup", "skipped_fraction"))
+                              if k in ("lpips", "psnr", "ssim", "speedup", "computed_fraction"))
             rows.append([relative_path(path, root), f"{f.sha256[:12]} (verified)",
                          f"{f.model.source}{' @ ' + f.model.revision if f.model.revision else ''}",
                          describe_recipe(f.recipe.to_dict()), f"{origin}; {shown}" if shown else origin])
