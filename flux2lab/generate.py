@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flux2lab.cli import add_model_args, command_parser, positive_int, run_main, seed_int, shape_overrides
+from flux2lab.cli import add_model_args, command_parser, positive_float, positive_int, run_main, seed_int, shape_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, help="denoising steps (overrides the recipe)")
     p.add_argument("--height", type=int, help="image height (overrides the recipe; default: the model's)")
     p.add_argument("--width", type=int, help="image width (overrides the recipe; default: the model's)")
+    p.add_argument("--offload", choices=["none", "model", "group"],
+                   help="diffusers' offloading (overrides the recipe): model = one component on the card at a time, "
+                        "group = one block at a time; same images, less memory, slower")
+    p.add_argument("--gpu-memory", type=positive_float, metavar="GIB",
+                   help="plan for a card of this many GiB (default: what the card has free)")
+    p.add_argument("--release-text-encoder", action="store_true",
+                   help="encode every prompt first, then free the text encoder's memory for the denoising")
     p.add_argument("--out", type=Path, required=True, help="output folder for PNGs and record.json")
     return p
 
@@ -31,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from flux2lab.common.errors import Flux2LabError
     from flux2lab.common.files import prepare_output_dir
     from flux2lab.pipeline.core import Prompt, generate
-    from flux2lab.pipeline.models import check_source, load_pipeline, model_info
+    from flux2lab.pipeline.memory import load_for
+    from flux2lab.pipeline.models import check_source, model_info
     from flux2lab.pipeline.prompts import PromptEntry, load_prompts, seeds_for
     from flux2lab.pipeline.recipe import Recipe
 
@@ -42,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         raise Flux2LabError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE.")
     prompts, seeds = [e.prompt for e in entries], seeds_for(entries, args.seed)
     recipe = (Recipe.load(args.recipe) if args.recipe else Recipe()).replace(**shape_overrides(args))
+    if args.offload is not None:
+        recipe = recipe.replace(offload=args.offload)
     prepare_output_dir(args.out, "--out")
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    result = generate(pipe, prompts, seeds, recipe, time_steps=True, progress=True)
+    # The memory plan refuses, with the fix, a recipe that cannot fit the card, before any weight is read.
+    pipe = load_for(args.model, recipe, device=args.device, dtype=args.dtype, gpu_memory_gib=args.gpu_memory)
+    result = generate(pipe, prompts, seeds, recipe, time_steps=True, progress=True,
+                      release_text_encoder=args.release_text_encoder)
 
     files = []
     for i, (image, rec) in enumerate(zip(result.images, result.records)):

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=0, metavar="N",
                    help="run N untimed, unsaved images first (compilation, graph capture) so records and the "
                         "summary show steady-state speed")
+    p.add_argument("--gpu-memory", type=positive_float, metavar="GIB",
+                   help="plan for a card of this many GiB (default: what the card has free); a frozen recipe that "
+                        "cannot fit is refused before loading, with the fix")
     p.add_argument("--pg-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="how long ranks wait for each other before the job fails")
     return p
@@ -128,7 +131,8 @@ def _run(args: argparse.Namespace, env: Any) -> int:
     from flux2lab.common.files import prepare_output_dir
     from flux2lab.pipeline.core import generate, resolution
     from flux2lab.pipeline.frozen import load_frozen
-    from flux2lab.pipeline.models import load_pipeline, model_info
+    from flux2lab.pipeline.memory import load_for
+    from flux2lab.pipeline.models import model_info
     from flux2lab.pipeline.prompts import load_prompts, seeds_for
     from flux2lab.pipeline.recipe import RecipeError
 
@@ -153,7 +157,8 @@ def _run(args: argparse.Namespace, env: Any) -> int:
                                 f"degree {env.world_size}): {e}") from None
     prepare_output_dir(args.out, "--out")
 
-    pipe = load_pipeline(args.model or frozen.model.source, device=str(env.device), dtype=args.dtype)
+    pipe = load_for(args.model or frozen.model.source, recipe, device=str(env.device), dtype=args.dtype,
+                    gpu_memory_gib=args.gpu_memory)
     info = model_info(pipe)
     for warning in frozen.model_warnings(info):
         say(f"warning: {warning}")

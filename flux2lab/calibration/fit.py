@@ -183,7 +183,7 @@ def fit_samples(samples: Samples, degree: int = 3, *, thresholds: Sequence[float
             "r2_on_these_samples": r_squared(s.y, np.polyval(published, s.x)),
             "skip_limits": skip_limits(published, x_range, thresholds, steps, ret_steps, cutoff_steps),
         },
-        "recipe": {"teacache": {"coefficients": [float(c) for c in coefficients]}},
+        "recipe": {"cache": {"method": "teacache", "coefficients": [float(c) for c in coefficients]}},
         "_heldout_residuals": heldout_residual, "_heldout_mask": is_held,  # for the figure; not written
     }
 
