@@ -149,3 +149,13 @@ def test_generate_command(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "prompt file nope.txt does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_diffusers_cache_recipe_copies_and_pickles():
+    import copy
+    import pickle
+
+    r = Recipe(steps=10).replace(cache={"method": "taylorseer", "cache_interval": 3})
+    assert copy.deepcopy(r) == r and pickle.loads(pickle.dumps(r)) == r and r.cache.cache_interval == 3
+    with pytest.raises(AttributeError, match="no setting 'max_order'"):
+        r.cache.max_order  # noqa: B018 (not given: diffusers' default applies)

@@ -97,11 +97,14 @@ class StepCacheSettings:
     settings: tuple[tuple[str, Any], ...] = ()
 
     def __getattr__(self, name: str) -> Any:
-        # Settings read as attributes (`cache.threshold`), like TeaCache's; only names the method was given.
-        for key, value in object.__getattribute__(self, "settings"):
+        # Settings read as attributes (`cache.threshold`), like TeaCache's; only names the method was given. Only
+        # reached when normal lookup fails, so it must not touch a missing field itself (copy/pickle ask first).
+        fields_ = self.__dict__
+        for key, value in fields_.get("settings", ()):
             if key == name:
                 return value
-        raise AttributeError(f"step cache '{self.method}' has no setting {name!r} (not given: diffusers' default)")
+        raise AttributeError(f"step cache '{fields_.get('method')}' has no setting {name!r} (not given: diffusers' "
+                             "default)")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.settings}
