@@ -62,6 +62,17 @@ def _torchrun(nproc: int, args: list[str], device: str = "cpu", **popen) -> subp
                             **popen)
 
 
+def _one_rank_and_two(tmp_path: Path, recipe: Recipe) -> tuple[Path, Path]:
+    """The same frozen recipe and prompts run on one process and on two gloo ranks: their output folders."""
+    config, prompts = _config(tmp_path, recipe), _prompts(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run.main(["--config", str(config), "--prompts", str(prompts), "--out", str(one), "--device", "cpu"]) == 0
+    proc = _torchrun(2, ["--config", str(config), "--prompts", str(prompts), "--out", str(two), "--pg-timeout", "60"])
+    out, _ = proc.communicate(timeout=110)
+    assert proc.returncode == 0, out[-4000:]
+    return one, two
+
+
 def _modulated_inputs(pipe, prompt: str, seed: int) -> list[torch.Tensor]:
     """Block 0's modulated input at every step of an uncached run (what TeaCache measures)."""
     t = pipe.transformer
@@ -99,14 +110,7 @@ def test_two_ranks_match_one_rank_with_teacache_where_shard_decisions_would_disa
 
     recipe = Recipe(steps=STEPS).replace(
         cache={"method": "teacache", "coefficients": LINEAR, "threshold": threshold, "ret_steps": RET_STEPS})
-    config, prompts = _config(tmp_path, recipe), _prompts(tmp_path)
-
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run.main(["--config", str(config), "--prompts", str(prompts), "--out", str(one), "--device", "cpu"]) == 0
-    proc = _torchrun(2, ["--config", str(config), "--prompts", str(prompts), "--out", str(two), "--pg-timeout", "60"])
-    out, _ = proc.communicate(timeout=110)
-    assert proc.returncode == 0, out[-4000:]
-
+    one, two = _one_rank_and_two(tmp_path, recipe)
     single, double = _records(one), _records(two)
     assert [r["id"] for r in single] == [r["id"] for r in double]
     assert step in single[0]["skipped_steps"]  # the constructed step was really skipped
@@ -141,12 +145,7 @@ SCHEDULED = {
 @pytest.mark.parametrize("method", sorted(SCHEDULED))
 def test_two_ranks_take_the_one_rank_decisions_of_a_scheduled_cache(tmp_path, method):
     recipe = Recipe(steps=STEPS).replace(cache={"method": method, **SCHEDULED[method]})
-    config, prompts = _config(tmp_path, recipe), _prompts(tmp_path)
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run.main(["--config", str(config), "--prompts", str(prompts), "--out", str(one), "--device", "cpu"]) == 0
-    proc = _torchrun(2, ["--config", str(config), "--prompts", str(prompts), "--out", str(two), "--pg-timeout", "60"])
-    out, _ = proc.communicate(timeout=110)
-    assert proc.returncode == 0, out[-4000:]
+    one, two = _one_rank_and_two(tmp_path, recipe)
     single, double = _records(one), _records(two)
     assert [r["id"] for r in single] == [r["id"] for r in double]
     for a, b in zip(single, double):
