@@ -220,10 +220,10 @@ def test_counter_counts_what_teacache_really_ran(pipe, counter):
                                                                       replay_skips=(2, 3, 6)))
     try:
         counter.reset()
-        image(pipe)
+        record = generate(pipe, ["a red fox"], 0, RECIPE).records[0]  # generate's own counter beside this one
     finally:
         teacache.remove_teacache(pipe.transformer)
-    assert counter.step_fractions() == [1, 1, 0, 0, 1, 1, 0, 1]
+    assert counter.step_fractions() == record.step_fractions == [1, 1, 0, 0, 1, 1, 0, 1]
     assert counter.computed_fraction() == pytest.approx(5 / 8)
     counter.reset()
     image(pipe)
@@ -231,3 +231,15 @@ def test_counter_counts_what_teacache_really_ran(pipe, counter):
     counter.reset()
     with pytest.raises(Flux2LabError, match="counted no transformer call"):
         counter.computed_fraction()
+
+
+def test_counting_does_not_make_compiled_blocks_recompile(one_thread):
+    """Every block of a kind shares one compiled graph with the counter's hooks in it, image after image."""
+    from flux2lab.pipeline.models import load_pipeline
+
+    p = load_pipeline("tiny", device="cpu")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        records = generate(p, ["a red fox", "a blue boat"], [0, 1], Recipe(steps=3, compile=True)).records
+        records += generate(p, ["a red fox"], 2, Recipe(steps=3, compile=True)).records
+    assert [r.computed_fraction for r in records] == [1.0, 1.0, 1.0]

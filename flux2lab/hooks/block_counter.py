@@ -10,6 +10,12 @@ with the projections around them.
 The whole stack's cost of one call is each Linear's cost when it last ran in the current image; every cache
 computes the first step of an image fully, which fills it in. Under flux2lab's CUDA graphs a replayed block runs
 no Python, so nothing would be counted there: the counter refuses them.
+
+Compiled blocks: every layer carries the same hook, which writes its count onto the layer itself; one tally per
+transformer reads and clears those counts between transformer calls (outside any compiled region) and hands each
+call to every counter attached. A hook that closed over the layer's index, or over something per counter, made
+dynamo guard on that value and recompile every block (past its limit of 8 on FLUX.2 [dev]'s 56, running the rest
+eager) or every image.
 """
 
 from __future__ import annotations
@@ -20,6 +26,54 @@ from diffusers.utils.torch_utils import unwrap_module
 from flux2lab.common.errors import Flux2LabError
 
 BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
+RAN = "_flux2lab_macs_ran"  # on each counted Linear: its multiply-accumulates in the open call, 0 if it did not run
+TALLY = "_flux2lab_block_tally"  # on the transformer: the _Tally its counters share
+
+
+def _count(module: torch.nn.Linear, inputs: tuple, output) -> None:
+    # Only a store of a shape-derived constant: replayed after a compiled graph, nothing for dynamo to guard on.
+    setattr(module, RAN, inputs[0].numel() * module.out_features)
+
+
+class _Tally:
+    """The hooks of one transformer, shared by its counters: per transformer call, what each block Linear ran."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+        self.linears = [m for name in BLOCK_STACKS for block in getattr(transformer, name) for m in block.modules()
+                        if isinstance(m, torch.nn.Linear)]
+        self.counters: list[BlockCounter] = []
+        self.open = False
+        self._clear()
+        self.handles = [transformer.register_forward_pre_hook(self._start_call)]
+        self.handles += [lin.register_forward_hook(_count) for lin in self.linears]
+        setattr(transformer, TALLY, self)
+
+    def _clear(self) -> None:
+        for lin in self.linears:
+            setattr(lin, RAN, 0)
+
+    def _start_call(self, module, args) -> None:
+        self.flush()
+        self.open = True
+
+    def flush(self) -> None:
+        """Close the open transformer call, handing what ran in it to every counter."""
+        if self.open:
+            ran = [getattr(lin, RAN) for lin in self.linears]
+            self._clear()
+            self.open = False
+            for counter in self.counters:
+                counter._add_call(ran)
+
+    def leave(self, counter: BlockCounter) -> None:
+        self.counters.remove(counter)
+        if not self.counters:
+            for handle in self.handles:
+                handle.remove()
+            for lin in self.linears:
+                delattr(lin, RAN)
+            delattr(self.transformer, TALLY)
 
 
 class BlockCounter:
@@ -27,7 +81,8 @@ class BlockCounter:
 
     Use: `counter = BlockCounter(transformer)`; `counter.reset()` before each image; after it,
     `counter.computed_fraction()` (the image's fraction of the block stack computed) and `counter.step_fractions()`
-    (one per step); `counter.close()` (or `with BlockCounter(...) as counter:`) removes its hooks.
+    (one per step); `counter.close()` (or `with BlockCounter(...) as counter:`) removes its hooks. Several counters
+    on one transformer each see every call.
     """
 
     def __init__(self, transformer: torch.nn.Module) -> None:
@@ -37,38 +92,19 @@ class BlockCounter:
         if graphs_of(t) is not None:
             raise Flux2LabError("the block counter cannot count under CUDA graphs (a replayed block runs no Python); "
                                 "measure the computed fraction with cuda_graphs off.")
-        linears = [m for name in BLOCK_STACKS for block in getattr(t, name) for m in block.modules()
-                   if isinstance(m, torch.nn.Linear)]
-        self._cost: list[int | None] = [None] * len(linears)  # MACs of one call, as the layer last ran
-        self._ran = [False] * len(linears)  # which layers ran in the open call
+        self._tally: _Tally | None = getattr(t, TALLY, None) or _Tally(t)
+        self._tally.counters.append(self)
+        self._cost: list[int | None] = [None] * len(self._tally.linears)  # MACs of one call, as each last ran
         self._calls: list[int] = []  # MACs that ran, per finished transformer call
-        self._open = False
-        self._handles = [t.register_forward_pre_hook(self._start_call)]
-        self._handles += [lin.register_forward_hook(self._counter(i)) for i, lin in enumerate(linears)]
 
-    def _start_call(self, module, args) -> None:
-        self._close_call()
-        self._open = True
-
-    def _close_call(self) -> None:
-        if self._open:
-            self._calls.append(sum(c for c, ran in zip(self._cost, self._ran) if ran))
-            self._ran = [False] * len(self._ran)
-            self._open = False
-
-    def _counter(self, index: int):
-        # Only stores, no reads: inside a torch.compile'd block a read would make dynamo guard on the value
-        # and recompile every step; a store of a shape-derived constant is replayed after the graph.
-        def count(module: torch.nn.Linear, inputs: tuple, output) -> None:
-            self._cost[index] = inputs[0].numel() * module.out_features
-            self._ran[index] = True
-        return count
+    def _add_call(self, ran: list[int]) -> None:
+        self._cost = [macs or cost for macs, cost in zip(ran, self._cost)]
+        self._calls.append(sum(ran))
 
     def reset(self) -> None:
-        """Start a new image."""
+        """Start a new image (a transformer call still open belongs to the last one)."""
+        self._tally.flush()
         self._calls = []
-        self._open = False
-        self._ran = [False] * len(self._ran)
         self._cost = [None] * len(self._cost)
 
     def _full(self) -> int:
@@ -79,7 +115,7 @@ class BlockCounter:
 
     def step_fractions(self) -> list[float]:
         """Per transformer call of the current image: the fraction of the block stack's work that ran."""
-        self._close_call()
+        self._tally.flush()
         if not self._calls:
             return []
         full = self._full()
@@ -87,15 +123,15 @@ class BlockCounter:
 
     def computed_fraction(self) -> float:
         """The fraction of the block stack's work that ran over the current image (1.0 with no cache)."""
-        self._close_call()
+        self._tally.flush()
         if not self._calls:
             raise Flux2LabError("the block counter has counted no transformer call since its last reset.")
         return sum(self._calls) / (self._full() * len(self._calls))
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._tally is not None:
+            self._tally.leave(self)
+            self._tally = None
 
     def __enter__(self) -> BlockCounter:
         return self
