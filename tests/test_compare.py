@@ -28,6 +28,7 @@ def test_bf16_vs_nvfp4_on_tiny(tmp_path, capsys):
     assert math.isfinite(psnr) and psnr > 20, "NVFP4 should change the image, but not destroy it"
     assert metrics["b"]["recipe"]["transformer_precision"] == "nvfp4"
     assert metrics["generated"] == {"a": 2, "b": 2}
+    assert metrics["computed_fraction"] == {"a": 1.0, "b": 1.0}  # no step cache: the whole block stack ran
     rows = list(csv.DictReader(open(out / "per_prompt.csv")))
     assert [r["id"] for r in rows] == ["nvidia-cat-moon", "nvidia-couple-rain"] and "psnr" in rows[0]
     assert (out / "grid.png").stat().st_size > 0 and len(list((out / "b").glob("*.png"))) == 2

@@ -62,7 +62,7 @@ class Comparison:
             "prompts": [{"id": e.id, "prompt": e.prompt.text, "seed": s} for e, s in zip(self.entries, self.seeds)],
             "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
             "seconds_per_image": {side: gen.mean_wall_s for side, gen in zip("ab", self.generations)},
-            "skipped_fraction_b": self.generations[1].skipped_fraction,
+            "computed_fraction": {side: gen.computed_fraction for side, gen in zip("ab", self.generations)},
             "generated": {"a": self.generated[0], "b": self.generated[1]},
             "skipped_metrics": self.skipped_metrics,
         }

@@ -2,7 +2,7 @@
 
 `evaluate(pipe, recipe)` generates one image per held-out caption (seeds 0..n-1 unless told) and reads them
 with the yardstick; `compare(baseline, candidate)` puts two runs on the same prompts and seeds side by side
-(accuracy drop with its CI, LPIPS, PSNR, SSIM, domain FID between the sets, steps skipped). The command does
+(accuracy drop with its CI, LPIPS, PSNR, SSIM, domain FID between the sets, the fraction of the block stack computed). The command does
 the same (recipes are JSON files or presets, as in `python -m flux2lab.compare`):
 
     python -m flux2lab.zoo.evaluate --model mini --n 200                       # mini at 50 steps
@@ -65,7 +65,7 @@ class Evaluation:
             "attribute_accuracy": self.accuracy,
             "domain_fid": self.domain_fid,
             "domain_fid_floor": self.domain_fid_floor,
-            "skipped_fraction": g.skipped_fraction if g else None,
+            "computed_fraction": g.computed_fraction if g else None,
             "mean_wall_s": g.mean_wall_s if g else None,
         }
 
@@ -196,7 +196,7 @@ def compare(
         "psnr": psnr.mean,  # over the pairs that differ; identical pairs (infinite PSNR) are counted apart
         "identical_images": psnr.n_inf,
         "ssim": float(np.mean(metrics.ssim(baseline.images, candidate.images, device="cpu"))),
-        "skipped_fraction": candidate.generation.skipped_fraction if candidate.generation else None,
+        "computed_fraction": candidate.generation.computed_fraction if candidate.generation else None,
     }
     if lpips_weights is not None:
         out["lpips"] = float(np.mean(metrics.lpips(baseline.images, candidate.images, lpips_weights)))

@@ -90,6 +90,8 @@ def run_section(frozen: Sequence[Path], runs: Sequence[Path], root: Path | None)
             ["size, steps", f"{summary.get('width')}x{summary.get('height')}, {(summary.get('recipe') or {}).get('steps')}"],
             ["mean time per image", fmt_number(summary.get("mean_wall_s"), ".3f", " s")],
             ["mean time per step", fmt_number(summary.get("mean_step_s"), ".4f", " s")],
+            ["cache", str(summary.get("cache_method", "-"))],
+            ["block stack computed", fmt_percent(summary.get("computed_fraction"))],
             ["steps skipped by TeaCache", fmt_percent(summary.get("skipped_fraction"))],
         ]))
         fig = _thumbnails(folder, records)
