@@ -121,6 +121,20 @@ def peaks(device: torch.device) -> dict[str, float | None]:
             "reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
 
 
+def progress(started: float, phase: str, device: torch.device) -> None:
+    """One line on stderr per phase, so a run that times out still says how far it got and what memory it held."""
+    host = ""
+    try:
+        import psutil  # optional: present with torch on most machines
+
+        vm = psutil.virtual_memory()
+        host = f", host available {vm.available / GIB:.1f} of {vm.total / GIB:.1f} GiB"
+    except ImportError:
+        pass
+    card = f", card reserved {torch.cuda.memory_reserved(device) / GIB:.1f} GiB" if device.type == "cuda" else ""
+    print(f"[memory-plan {time.perf_counter() - started:6.1f} s] {phase}{card}{host}", file=sys.stderr, flush=True)
+
+
 def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     from flux2lab.common.errors import Flux2LabError
     from flux2lab.pipeline import memory
@@ -148,17 +162,21 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
             plan.check()
         except Flux2LabError as refusal:
             return {**record, "status": "refused by the plan", "refusal": str(refusal)}
-    start = time.perf_counter()
+    started = start = time.perf_counter()
+    progress(started, "building the pipeline staged in host memory", device)
     pipe = build_staged(args.tiny, device, dtype)
     record["build_s"] = time.perf_counter() - start
     prompts = [PROMPT] * args.images
+    progress(started, "built; applying the recipe and one warm-up image", device)
     start = time.perf_counter()
     warm = generate(pipe, prompts[:1], 0, recipe.replace(steps=2), release_text_encoder=release)
     record.update(apply_and_warmup_s=time.perf_counter() - start, encode_s=warm.encode_s,
                   peak_build_and_apply=peaks(device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    progress(started, f"warmed up; timing {args.images} image(s) of {args.steps} steps", device)
     timed = generate(pipe, prompts, list(range(1, args.images + 1)), recipe)
+    progress(started, "done", device)
     record.update(seconds_per_image=timed.mean_wall_s, image_s=[r.wall_s for r in timed.records],
                   peak_generate=peaks(device), text_encoding_in_image_time=not release)
     return record
@@ -169,13 +187,16 @@ def run_child(spec: str, args: argparse.Namespace, argv: list[str]) -> dict[str,
     cmd = [sys.executable, __file__, *argv, "--child", spec]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"run": spec, "status": f"timed out after {args.child_timeout} s"}
+    except subprocess.TimeoutExpired as timeout:
+        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
+        reached = [line for line in (stderr or "").splitlines() if line.startswith("[memory-plan")]
+        return {"run": spec, "status": f"timed out after {args.child_timeout} s", "progress": reached}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    reached = [line for line in done.stderr.splitlines() if line.startswith("[memory-plan")]
     if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        return {**json.loads(lines[-1]), "progress": reached}
     tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-    return {"run": spec, "status": f"failed (exit {done.returncode})", "error": "\n".join(tail)}
+    return {"run": spec, "status": f"failed (exit {done.returncode})", "error": "\n".join(tail), "progress": reached}
 
 
 def _fmt(value: float | None) -> str:
