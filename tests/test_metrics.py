@@ -135,6 +135,16 @@ def test_skip_missing_leaves_the_metric_out_with_the_same_message(caplog):
     assert "skipping fid" in caplog.text and INCEPTION_FILE in caplog.text and "--fid-weights" in caplog.text
 
 
+def test_a_search_keeps_the_reason_of_every_metric_it_leaves_out(alexnet_file):
+    from flux2lab.study.objective import trial_weights
+
+    weights = trial_weights({}, device="cpu", skip_missing=True)
+    assert set(weights) == {"psnr", "ssim"} and set(weights.skipped) == {"lpips", "clip"}
+    assert "alexnet" in weights.skipped["lpips"] and "--clip-weights" in weights.skipped["clip"]
+    weights = trial_weights({"lpips": alexnet_file}, device="cpu", skip_missing=False)
+    assert weights["lpips"] == alexnet_file and set(weights.skipped) == {"clip"}
+
+
 def test_weights_found_in_torch_hub_cache(inception_file, alexnet_file, empty_caches):
     fid_path = place_in_torch_hub(inception_file, empty_caches)
     lpips_path = place_in_torch_hub(alexnet_file, empty_caches)

@@ -25,7 +25,9 @@ def trial_weights(paths: Mapping[str, str | Path], *, device: str | None, skip_m
 
     options = metrics.MetricOptions(device=device)
     weights = metrics.check_weights(["lpips", "psnr", "ssim"], paths, skip_missing=skip_missing, options=options)
-    weights.update(metrics.check_weights(["clip"], paths, skip_missing=True, options=options))
+    clip = metrics.check_weights(["clip"], paths, skip_missing=True, options=options)
+    weights.update(clip)
+    weights.skipped.update(clip.skipped)
     if quality_metric not in (None, "auto") and quality_metric not in weights:
         metrics.check_weights([quality_metric], paths, options=options)  # raises the module's message
     return weights
