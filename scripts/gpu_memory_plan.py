@@ -178,7 +178,8 @@ def run_one(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     timed = generate(pipe, prompts, list(range(1, args.images + 1)), recipe)
     progress(started, "done", device)
     record.update(seconds_per_image=timed.mean_wall_s, image_s=[r.wall_s for r in timed.records],
-                  peak_generate=peaks(device), text_encoding_in_image_time=not release)
+                  peak_generate=peaks(device), text_encoding_in_image_time=not release,
+                  transformer_after=str(next(pipe.transformer.parameters()).device))
     return record
 
 

@@ -247,6 +247,20 @@ def test_releasing_the_text_encoder_keeps_the_images(tiny_pipe, one_thread):
         assert same_images(generate(pipe, PROMPTS[:1], 2, recipe), generate(tiny_pipe, PROMPTS[:1], 2, FAST))
         with pytest.raises(Flux2LabError, match="was not encoded before this pipeline's text encoder was released"):
             generate(pipe, ["a prompt it has not seen"], 0, recipe)
+        # Under model offloading, the rest stays put once the encoder is gone (it fits: no GPU limit here).
+        assert not hasattr(pipe.transformer, "_hf_hook")
+
+
+def test_after_the_release_model_offloading_goes_on_where_the_rest_does_not_fit(tiny_pipe, one_thread):
+    from flux2lab.pipeline.core import drop_text_encoder, encode_prompts
+
+    recipe = FAST.replace(offload="model")
+    pipe = load_pipeline("tiny", device="cpu", staged=True)
+    generate(pipe, PROMPTS[:1], 2, recipe)
+    encode_prompts(pipe, PROMPTS)
+    drop_text_encoder(pipe, card=memory.Card("cpu", 1024, "a 1 KiB card"))
+    assert pipe.text_encoder is None and hasattr(pipe.transformer, "_hf_hook")  # offloaded still
+    assert same_images(generate(pipe, PROMPTS, 2, recipe), generate(tiny_pipe, PROMPTS, 2, FAST))
 
 
 @pytest.mark.gpu

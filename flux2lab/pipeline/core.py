@@ -180,19 +180,34 @@ def encode_prompts(pipe: Flux2Pipeline, texts: Sequence[str]) -> None:
             cache[text] = embeds.to("cpu")
 
 
-def drop_text_encoder(pipe: Flux2Pipeline) -> None:
+def drop_text_encoder(pipe: Flux2Pipeline, card: Any = None) -> None:
     """Drop the text encoder (24B parameters for FLUX.2 [dev]) once every prompt is encoded; the pipeline then
-    generates only the prompts `encode_prompts` kept."""
+    generates only the prompts `encode_prompts` kept.
+
+    Under `model` offloading the rest then stays on the card when it fits there (`card`: a `memory.Card`,
+    by default what the compute device has free): the transformer no longer moves in and out per image, and
+    the images are the same. Otherwise offloading goes on without the encoder."""
+    from flux2lab.pipeline import memory
+
     if pipe.text_encoder is None:
         return
     recipe = applied_recipe(pipe)
     remodel = recipe is not None and recipe.offload == "model"
     if remodel:
-        pipe.remove_all_hooks()  # the hook chain holds the encoder; rebuilt below without it
+        pipe.remove_all_hooks()  # the hook chain holds the encoder; rebuilt below without it, if still needed
     pipe.register_modules(text_encoder=None)
-    if remodel:
-        pipe.enable_model_cpu_offload(device=compute_device(pipe))
     free_memory()
+    if remodel:
+        device = compute_device(pipe)
+        card = card or memory.card_memory(device)
+        height, width = resolution(pipe, recipe)
+        need = memory.resident_need({"transformer": pipe.transformer, "vae": pipe.vae}, recipe, height=height,
+                                    width=width, text_tokens=model_info(pipe).max_sequence_length,
+                                    dtype=pipe.vae.dtype)
+        if card.bytes is None or need <= card.bytes:
+            pipe.to(device)
+        else:
+            pipe.enable_model_cpu_offload(device=device)
 
 
 def _apply_cache(pipe: Flux2Pipeline, recipe: Recipe) -> None:

@@ -28,7 +28,9 @@ What is on the card at once depends on the recipe's `offload`:
 The card's budget is what `torch.cuda.mem_get_info` reports free, capped by a
 `torch.cuda.set_per_process_memory_fraction` limit, or what the user states (`gpu_memory_gib`). Releasing
 the text encoder after encoding (`generate(..., release_text_encoder=True)`) frees memory for the rest of a
-run, but not before the peak of loading it, so the plan does not count on it.
+run, but not before the peak of loading it, so the plan does not count on it; under `model` offloading, the
+release puts the transformer and the VAE on the card for good when they fit there together (`resident_need`),
+so no weights move per image.
 """
 
 from __future__ import annotations
@@ -237,6 +239,13 @@ def plan(model: str, components: Mapping[str, nn.Module | None], recipe: Recipe,
                 break
     return MemoryPlan(model=model, recipe=recipe, components=mems, activations=activations, need=need, card=card,
                       height=height, width=width, fixes=tuple(fixes))
+
+
+def resident_need(components: Mapping[str, nn.Module | None], recipe: Recipe, *, height: int, width: int,
+                  text_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes the components need on the card together, already in the recipe's precision, with activations."""
+    mems = [component_memory(n, m, _precision(recipe, n), dtype) for n, m in components.items() if m is not None]
+    return sum(c.bytes for c in mems) + activation_bytes(components, height, width, text_tokens, dtype)
 
 
 def _precision(recipe: Recipe, name: str) -> str:
