@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=positive_float, metavar="GIB",
                    help="plan for a card of this many GiB (default: what the card has free)")
     p.add_argument("--release-text-encoder", action="store_true",
-                   help="encode every prompt first, then free the text encoder's memory for the denoising")
+                   help="encode every prompt first, then free the text encoder's memory for the denoising (with "
+                        "--offload model, the transformer and VAE then stay on the card when they fit there together)")
     p.add_argument("--out", type=Path, required=True, help="output folder for PNGs and record.json")
     return p
 
