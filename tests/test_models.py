@@ -265,6 +265,20 @@ def test_after_the_release_model_offloading_goes_on_where_the_rest_does_not_fit(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_released_text_encoder_leaves_the_card_even_while_referenced():
+    """Under model offloading the encoder is on the card when it is released; a reference held elsewhere keeps
+    it in host memory, never on the card, and the rest then stays on the card."""
+    pipe = memory.load_for("tiny", FAST.replace(offload="model"), device="cuda")
+    encoder = pipe.text_encoder
+    generate(pipe, PROMPTS, 0, FAST.replace(offload="model"), release_text_encoder=True)
+    assert {p.device.type for p in encoder.parameters()} == {"cpu"}
+    assert pipe.transformer.device.type == "cuda" and not hasattr(pipe.transformer, "_hf_hook")
+    on_card = sum(p.numel() * p.element_size() for m in (pipe.transformer, pipe.vae) for p in m.parameters())
+    assert torch.cuda.memory_allocated() < on_card + 64 * 2**20  # the rest, plus at most 64 MiB
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["model", "group"])
 def test_offload_on_gpu(mode):
     """On a GPU, offloaded weights wait in host memory and the images do not change."""
