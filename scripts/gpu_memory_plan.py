@@ -196,7 +196,7 @@ def run_child(spec: str, args: argparse.Namespace, argv: list[str]) -> dict[str,
     reached = [line for line in done.stderr.splitlines() if line.startswith("[memory-plan")]
     if done.returncode == 0 and lines:
         return {**json.loads(lines[-1]), "progress": reached}
-    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    tail = (done.stderr or done.stdout).strip().splitlines()[-25:]  # the traceback: which call failed
     return {"run": spec, "status": f"failed (exit {done.returncode})", "error": "\n".join(tail), "progress": reached}
 
 
