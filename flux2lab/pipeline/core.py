@@ -188,9 +188,10 @@ def drop_text_encoder(pipe: Flux2Pipeline, card: Any = None) -> None:
 
     The encoder leaves the card first, moved to host memory in place (each parameter's data swapped, as
     offloading does): on an H200 under model offloading, dropping it while on the card left 37.8 GiB allocated
-    there, held by references the drop could not see. Under `model` offloading the rest then stays on the card when it fits there (`card`:
-    a `memory.Card`, by default what the compute device has free): the transformer no longer moves in and out
-    per image, and the images are the same. Otherwise offloading goes on without the encoder."""
+    there, held by references the drop could not see. Under `model` offloading the rest then stays on the card
+    when it fits there (`card`: a `memory.Card`, by default what the compute device has free): the transformer
+    no longer moves in and out per image, and the images are the same. Otherwise offloading goes on without
+    the encoder."""
     from flux2lab.pipeline import memory
 
     if pipe.text_encoder is None:

@@ -2,8 +2,8 @@
 
 `evaluate(pipe, recipe)` generates one image per held-out caption (seeds 0..n-1 unless told) and reads them
 with the yardstick; `compare(baseline, candidate)` puts two runs on the same prompts and seeds side by side
-(accuracy drop with its CI, LPIPS, PSNR, SSIM, domain FID between the sets, the fraction of the block stack computed). The command does
-the same (recipes are JSON files or presets, as in `python -m flux2lab.compare`):
+(accuracy drop with its CI, LPIPS, PSNR, SSIM, domain FID between the sets, the fraction of the block stack
+computed). The command does the same (recipes are JSON files or presets, as in `python -m flux2lab.compare`):
 
     python -m flux2lab.zoo.evaluate --model mini --n 200                       # mini at 50 steps
     python -m flux2lab.zoo.evaluate --model mini --baseline bf16 --recipe nvfp4 --out cmp.json
